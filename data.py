@@ -1,0 +1,609 @@
+"""Datasets, shards and the loader.
+
+Both tracks write the same shard format and are read by the same loader:
+
+  DIR/manifest.json            format name + version, track, seed, shapes, dtypes, counts, sha256s
+  DIR/shard_NNNNN.latents.npy  (n, C, H, W) latents (Shapes: uint8 pixels, identity autoencoder)
+  DIR/shard_NNNNN.captions.npy (n,) int32 index into the caption table
+  DIR/captions.json            the unique captions, in table order
+  DIR/text_tokens.npy          (n_captions, L, D) float16 per-token hidden states of the text tower
+  DIR/text_pooled.npy          (n_captions, P) float16 pooled (projected) text embedding
+  DIR/eval_metadata.jsonl      the track's GenEval-format evaluation prompts
+
+Run `python data.py shapes --out data/shapes` to build the GenEval-Shapes track.
+"""
+import argparse
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "imagegen-speedrun-shards"
+FORMAT_VERSION = 1
+
+
+class DataError(Exception):
+    """Bad input: the message names the file (and line/field) and what is wrong."""
+
+
+# -----------------------------------------------------------------------------
+# GenEval-Shapes: procedural scenes and prompts in GenEval's own schema
+
+IMAGE_SIZE = 64
+BACKGROUND = (128, 128, 128)  # neutral grey: no palette colour is near it
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+PLURALS = {"cross": "crosses"}
+COLORS = {  # GenEval's ten colour names, each with one canonical RGB
+    "red": (230, 25, 25), "orange": (245, 130, 20), "yellow": (240, 220, 30),
+    "green": (40, 170, 60), "blue": (30, 70, 220), "purple": (130, 50, 180),
+    "pink": (245, 130, 190), "brown": (120, 70, 30), "black": (15, 15, 15),
+    "white": (245, 245, 245),
+}
+OBJECT_SIZES = tuple(range(11, 22, 2))  # odd sizes: every shape touches its box at pixel centres
+MIN_GAP = 2  # pixels between object boxes, so objects never touch
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS = ("left of", "right of", "above", "below")
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+POSITION_THRESHOLD = 0.1  # GenEval's size margin in the relative-position rule
+EVAL_PROMPTS_PER_TAG = 100
+EVAL_IMAGES_PER_PROMPT = 4
+# Independent random streams under one seed: training scenes, eval prompts, eval truth renders.
+TRAIN_STREAM, EVAL_PROMPT_STREAM, EVAL_TRUTH_STREAM = 0, 1, 2
+
+
+@lru_cache(maxsize=None)
+def shape_mask(shape, width, height):
+    """Boolean (height, width) mask of `shape` filling a width x height box (pixel centres)."""
+    u = (np.arange(width) - (width - 1) / 2) / max((width - 1) / 2, 1)
+    v = (np.arange(height) - (height - 1) / 2) / max((height - 1) / 2, 1)
+    u, v = np.meshgrid(u, v)
+    eps = 1e-9
+    if shape == "circle":
+        mask = u * u + v * v <= 1 + eps
+    elif shape == "square":
+        mask = np.ones_like(u, dtype=bool)
+    elif shape == "triangle":  # apex at top centre, base along the bottom edge
+        mask = v >= 2 * np.abs(u) - 1 - eps
+    elif shape == "diamond":
+        mask = np.abs(u) + np.abs(v) <= 1 + eps
+    elif shape == "cross":
+        mask = (np.abs(u) <= 1 / 3 + eps) | (np.abs(v) <= 1 / 3 + eps)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    mask.setflags(write=False)
+    return mask
+
+
+def relative_position(box_a, box_b, margin=POSITION_THRESHOLD):
+    """GenEval's relation rule: the set of relations of box A to box B, boxes as (x1, y1, x2, y2).
+
+    The centre offset is shrunk by `margin` times the summed box sizes on each axis, then its
+    direction decides: a component beyond half the offset's length names a relation.
+    """
+    a, b = np.asarray(box_a, float)[:4], np.asarray(box_b, float)[:4]
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
+    revised = np.maximum(np.abs(offset) - margin * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    relations = set()
+    if dx < -0.5:
+        relations.add("left of")
+    if dx > 0.5:
+        relations.add("right of")
+    if dy < -0.5:
+        relations.add("above")
+    if dy > 0.5:
+        relations.add("below")
+    return relations
+
+
+def _with_article(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _plural(shape):
+    return PLURALS.get(shape, shape + "s")
+
+
+def sample_prompt(rng, tag):
+    """One GenEval-format prompt object of the given tag, phrased as GenEval phrases it."""
+    shape_a, shape_b = rng.choice(len(SHAPES), size=2, replace=False)
+    shape_a, shape_b = SHAPES[shape_a], SHAPES[shape_b]
+    color_a, color_b = (list(COLORS)[i] for i in rng.choice(len(COLORS), size=2, replace=False))
+    if tag == "single_object":
+        return {"tag": tag, "include": [{"class": shape_a, "count": 1}],
+                "prompt": f"a photo of {_with_article(shape_a)}"}
+    if tag == "two_object":
+        return {"tag": tag, "include": [{"class": shape_a, "count": 1}, {"class": shape_b, "count": 1}],
+                "prompt": f"a photo of {_with_article(shape_a)} and {_with_article(shape_b)}"}
+    if tag == "counting":
+        n = int(rng.integers(2, 6))
+        return {"tag": tag, "include": [{"class": shape_a, "count": n}],
+                "exclude": [{"class": shape_a, "count": n + 1}],
+                "prompt": f"a photo of {NUMBER_WORDS[n]} {_plural(shape_a)}"}
+    if tag == "colors":
+        return {"tag": tag, "include": [{"class": shape_a, "count": 1, "color": color_a}],
+                "prompt": f"a photo of {_with_article(color_a)} {shape_a}"}
+    if tag == "position":
+        relation = RELATIONS[int(rng.integers(len(RELATIONS)))]
+        return {"tag": tag, "include": [{"class": shape_b, "count": 1},
+                                        {"class": shape_a, "count": 1, "position": [relation, 0]}],
+                "prompt": f"a photo of {_with_article(shape_a)} {relation} {_with_article(shape_b)}"}
+    if tag == "color_attr":
+        return {"tag": tag, "include": [{"class": shape_a, "count": 1, "color": color_a},
+                                        {"class": shape_b, "count": 1, "color": color_b}],
+                "prompt": f"a photo of {_with_article(color_a)} {shape_a} and {_with_article(color_b)} {shape_b}"}
+    raise ValueError(f"unknown tag {tag!r}")
+
+
+def _place(rng, sizes, max_tries=200):
+    """Top-left corners for square objects of the given sizes, MIN_GAP apart, inside the image."""
+    boxes = []
+    for size in sizes:
+        for _ in range(max_tries):
+            x, y = (int(c) for c in rng.integers(0, IMAGE_SIZE - size + 1, size=2))
+            if all(x + size + MIN_GAP <= bx or bx + bs + MIN_GAP <= x or
+                   y + size + MIN_GAP <= by or by + bs + MIN_GAP <= y for bx, by, bs in boxes):
+                boxes.append((x, y, size))
+                break
+        else:
+            return None
+    return boxes
+
+
+def scene_for_prompt(rng, prompt):
+    """Objects [(shape, color, x, y, size)] that satisfy the prompt exactly under GenEval's rules."""
+    wanted = []  # (clause index, shape, colour)
+    for index, clause in enumerate(prompt["include"]):
+        for _ in range(clause["count"]):
+            color = clause.get("color") or list(COLORS)[int(rng.integers(len(COLORS)))]
+            wanted.append((index, clause["class"], color))
+    for _ in range(1000):
+        sizes = [OBJECT_SIZES[int(rng.integers(len(OBJECT_SIZES)))] for _ in wanted]
+        boxes = _place(rng, sizes)
+        if boxes is None:
+            continue
+        objects = [(shape, color, x, y, s) for (_, shape, color), (x, y, s) in zip(wanted, boxes)]
+        if _positions_hold(prompt, wanted, boxes):
+            return objects
+    raise RuntimeError(f"could not lay out a scene for {prompt['prompt']!r}")
+
+
+def _positions_hold(prompt, wanted, boxes):
+    as_xyxy = [(x, y, x + s, y + s) for x, y, s in boxes]
+    for index, clause in enumerate(prompt["include"]):
+        if "position" not in clause:
+            continue
+        relation, target = clause["position"]
+        mine = [b for (i, _, _), b in zip(wanted, as_xyxy) if i == index]
+        theirs = [b for (i, _, _), b in zip(wanted, as_xyxy) if i == target]
+        if not all(relation in relative_position(a, b) for a in mine for b in theirs):
+            return False
+    return True
+
+
+def render_scene(objects):
+    """(H, W, 3) uint8 image of flat-coloured objects on the flat background."""
+    image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    image[:] = BACKGROUND
+    for shape, color, x, y, size in objects:
+        region = image[y:y + size, x:x + size]
+        region[shape_mask(shape, size, size)] = COLORS[color]
+    return image
+
+
+def shapes_training_shard(seed, shard_index, count):
+    """`count` (prompt, image) training pairs; shard k of seed s is the same on every machine."""
+    rng = np.random.default_rng([seed, TRAIN_STREAM, shard_index])
+    images = np.empty((count, 3, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    captions = []
+    for i in range(count):
+        prompt = sample_prompt(rng, TAGS[int(rng.integers(len(TAGS)))])
+        images[i] = render_scene(scene_for_prompt(rng, prompt)).transpose(2, 0, 1)
+        captions.append(prompt["prompt"])
+    return images, captions
+
+
+def shapes_eval_prompts(seed, per_tag=EVAL_PROMPTS_PER_TAG):
+    """The fixed evaluation list: `per_tag` prompts for each of the six tags, grouped by tag."""
+    rng = np.random.default_rng([seed, EVAL_PROMPT_STREAM])
+    return [sample_prompt(rng, tag) for tag in TAGS for _ in range(per_tag)]
+
+
+def shapes_truth_image(seed, prompt_index, sample_index, prompt):
+    """A ground-truth render of one evaluation prompt (to check the detector, never to train)."""
+    rng = np.random.default_rng([seed, EVAL_TRUTH_STREAM, prompt_index, sample_index])
+    return render_scene(scene_for_prompt(rng, prompt))
+
+
+# -----------------------------------------------------------------------------
+# GenEval-format metadata files
+
+def read_metadata(path):
+    """Parse a GenEval metadata jsonl file; a malformed line raises DataError naming line and field."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            validate_prompt(row, where)
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no prompts")
+    return rows
+
+
+def validate_prompt(row, where):
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    for field, kind in (("tag", str), ("prompt", str), ("include", list)):
+        if field not in row:
+            raise DataError(f"{where}: field '{field}' missing")
+        if not isinstance(row[field], kind):
+            raise DataError(f"{where}: field '{field}' must be a {kind.__name__}")
+    for key in ("include", "exclude"):
+        for k, clause in enumerate(row.get(key, [])):
+            if not isinstance(clause, dict) or not isinstance(clause.get("class"), str):
+                raise DataError(f"{where}: field '{key}[{k}].class' missing or not a string")
+            if not isinstance(clause.get("count"), int) or clause["count"] < 1:
+                raise DataError(f"{where}: field '{key}[{k}].count' must be a positive integer")
+            if "color" in clause and not isinstance(clause["color"], str):
+                raise DataError(f"{where}: field '{key}[{k}].color' must be a string")
+            if "position" in clause:
+                pos = clause["position"]
+                if (not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
+                        or not isinstance(pos[1], int) or not 0 <= pos[1] < k):
+                    raise DataError(f"{where}: field '{key}[{k}].position' must be [relation, earlier group index]")
+
+
+def write_metadata(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Text features: open_clip's tokenizer and text tower
+
+class TextEncoder:
+    """Per-token hidden states (L x width) and the pooled embedding of captions, via open_clip.
+
+    pretrained=None gives a seeded random init (nothing is downloaded). `overrides` are passed to
+    open_clip.create_model (e.g. a tiny text_cfg for tests). Only the first `seq_len` positions are
+    computed: the tower is causal, so they equal the full-context states for captions that fit.
+    """
+
+    def __init__(self, name="ViT-B-32", pretrained=None, seed=0, seq_len=77, overrides=None, device="cpu"):
+        import open_clip
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                model = open_clip.create_model(name, pretrained=pretrained or None, **(overrides or {}))
+            except Exception as e:  # hub unreachable, unknown tag, ...
+                raise DataError(
+                    f"text encoder {name} pretrained={pretrained!r} could not be loaded ({type(e).__name__}: {e}); "
+                    f"on a machine with network run `python -c \"import open_clip; open_clip.create_model('{name}', "
+                    f"pretrained='{pretrained}')\"` to fill the cache, or pass a local checkpoint path as pretrained") from None
+        model.visual = None
+        self.model = model.to(device).eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.seq_len, self.device = seq_len, device
+        self.width = model.ln_final.normalized_shape[0]
+        self.pooled_width = model.text_projection.shape[1]
+
+    @torch.no_grad()
+    def encode(self, captions, batch_size=256):
+        m, L = self.model, self.seq_len
+        tokens_out, pooled_out = [], []
+        for i in range(0, len(captions), batch_size):
+            text = self.tokenizer(captions[i:i + batch_size]).to(self.device)
+            too_long = (text[:, L:] != 0).any(dim=1)
+            if too_long.any():
+                caption = captions[i + int(too_long.nonzero()[0, 0])]
+                raise DataError(f"caption longer than the text length {L} tokens: {caption!r}")
+            text = text[:, :L]
+            x = m.token_embedding(text) + m.positional_embedding[:L]
+            x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:L, :L]))
+            pooled = x[torch.arange(len(text)), text.argmax(dim=-1)] @ m.text_projection
+            tokens_out.append(x.float().cpu())
+            pooled_out.append(pooled.float().cpu())
+        return torch.cat(tokens_out), torch.cat(pooled_out)
+
+
+def text_encoder_from_manifest(manifest, device="cpu"):
+    t = manifest["text"]
+    return TextEncoder(t["name"], t["pretrained"], t["seed"], t["seq_len"], t.get("overrides"), device)
+
+
+# -----------------------------------------------------------------------------
+# The shard format
+
+def _sha256(path, chunk=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_entry(root, name):
+    path = Path(root) / name
+    return {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def write_shard(root, index, latents, caption_ids):
+    """Write one shard; returns its manifest entry."""
+    stem = f"shard_{index:05d}"
+    np.save(Path(root) / f"{stem}.latents.npy", latents)
+    np.save(Path(root) / f"{stem}.captions.npy", caption_ids.astype(np.int32))
+    return {"count": len(latents),
+            "latents": _file_entry(root, f"{stem}.latents.npy"),
+            "captions": _file_entry(root, f"{stem}.captions.npy")}
+
+
+def write_text_table(root, captions, encoder):
+    """Encode every unique caption once; store the table and return its manifest section."""
+    tokens, pooled = encoder.encode(captions)
+    np.save(Path(root) / "text_tokens.npy", tokens.numpy().astype(np.float16))
+    np.save(Path(root) / "text_pooled.npy", pooled.numpy().astype(np.float16))
+    with open(Path(root) / "captions.json", "w") as f:
+        json.dump(captions, f, indent=0)
+    return {"count": len(captions), "seq_len": encoder.seq_len, "width": encoder.width,
+            "pooled_width": encoder.pooled_width, "dtype": "float16",
+            "files": [_file_entry(root, n) for n in ("captions.json", "text_tokens.npy", "text_pooled.npy")]}
+
+
+def write_manifest(root, manifest):
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, **manifest}
+    tmp = Path(root) / "manifest.json.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(tmp, Path(root) / "manifest.json")
+    return manifest
+
+
+def read_manifest(root):
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        raise DataError(f"{path}: missing (build the data first, e.g. `python data.py shapes --out {root}`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format version {manifest.get('version')!r}; this code reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def verify_files(root, manifest):
+    """Check every file's size and sha256 against the manifest; raise DataError on the first mismatch."""
+    entries = [f for s in manifest["shards"] for f in (s["latents"], s["captions"])] + manifest["text"]["files"]
+    for entry in entries:
+        path = Path(root) / entry["file"]
+        if not path.exists():
+            raise DataError(f"{path}: missing (listed in {Path(root) / 'manifest.json'})")
+        if path.stat().st_size != entry["bytes"]:
+            raise DataError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
+        if _sha256(path) != entry["sha256"]:
+            raise DataError(f"{path}: sha256 mismatch with the manifest (corrupt shard)")
+
+
+def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, text_model="ViT-B-32",
+                 text_pretrained=None, text_seed=0, text_seq_len=16, text_overrides=None, log=print):
+    """Generate the GenEval-Shapes track: training shards, caption table, eval metadata, manifest."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = [min(shard_size, n_train - start) for start in range(0, n_train, shard_size)]
+    workers = workers or min(len(counts), os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers) as pool:
+        shards = list(pool.map(shapes_training_shard, [seed] * len(counts), range(len(counts)), counts))
+    captions = sorted({c for _, shard_captions in shards for c in shard_captions})
+    caption_id = {c: i for i, c in enumerate(captions)}
+    entries = [write_shard(out, k, images, np.array([caption_id[c] for c in shard_captions]))
+               for k, (images, shard_captions) in enumerate(shards)]
+    log(f"shapes: {n_train} scenes in {len(entries)} shards, {len(captions)} unique captions")
+    encoder = TextEncoder(text_model, text_pretrained, text_seed, text_seq_len, text_overrides)
+    text = write_text_table(out, captions, encoder)
+    write_metadata(out / "eval_metadata.jsonl", shapes_eval_prompts(seed))
+    manifest = write_manifest(out, {
+        "track": "shapes", "seed": seed, "count": n_train, "shards": entries,
+        "latent": {"shape": [3, IMAGE_SIZE, IMAGE_SIZE], "dtype": "uint8",
+                   "mean": [127.5] * 3, "std": [127.5] * 3, "autoencoder": "identity"},
+        "text": {"name": text_model, "pretrained": text_pretrained, "seed": text_seed,
+                 "overrides": text_overrides, **text},
+        "eval_metadata": "eval_metadata.jsonl",
+    })
+    log(f"shapes: wrote {out}/manifest.json")
+    return manifest
+
+
+# -----------------------------------------------------------------------------
+# Autoencoders: latents <-> images
+
+class IdentityAutoencoder:
+    """Shapes stores pixels as its latents: decoding only undoes the loader's normalisation."""
+
+    def __init__(self, mean, std):
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+
+    def decode(self, latents):
+        """Normalised latents (B, C, H, W) -> uint8 images (B, H, W, C) on the CPU."""
+        x = latents.float().cpu() * self.std + self.mean
+        return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def autoencoder_from_manifest(manifest):
+    latent = manifest["latent"]
+    if latent["autoencoder"] == "identity":
+        return IdentityAutoencoder(latent["mean"], latent["std"])
+    raise DataError(f"manifest: unknown autoencoder {latent['autoencoder']!r}")
+
+
+# -----------------------------------------------------------------------------
+# Dataset and loader
+
+class ShardDataset:
+    """Memory-mapped view of a shard directory, checked against its manifest on open."""
+
+    def __init__(self, root, verify=True):
+        self.root = Path(root)
+        self.manifest = read_manifest(root)
+        if verify:
+            verify_files(root, self.manifest)
+        shards = self.manifest["shards"]
+        self.latents = [np.load(self.root / s["latents"]["file"], mmap_mode="r") for s in shards]
+        self.caption_ids = np.concatenate([np.load(self.root / s["captions"]["file"]) for s in shards])
+        self.starts = np.cumsum([0] + [s["count"] for s in shards])
+        self.text_tokens = np.load(self.root / "text_tokens.npy", mmap_mode="r")
+        self.text_pooled = np.load(self.root / "text_pooled.npy", mmap_mode="r")
+        latent = self.manifest["latent"]
+        self.latent_shape = tuple(latent["shape"])
+        self.mean = torch.tensor(latent["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(latent["std"], dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def gather(self, indices):
+        """Raw arrays for the given global sample indices (any order)."""
+        latents = np.empty((len(indices), *self.latent_shape), self.latents[0].dtype)
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        for k in np.unique(shard):
+            rows = np.nonzero(shard == k)[0]
+            local = indices[rows] - self.starts[k]
+            order = np.argsort(local)  # read each shard front to back
+            latents[rows[order]] = self.latents[k][local[order]]
+        caption_ids = self.caption_ids[indices]
+        return {"latents": latents, "text_tokens": self.text_tokens[caption_ids],
+                "text_pooled": self.text_pooled[caption_ids], "caption_ids": caption_ids}
+
+
+def epoch_order(n, seed, epoch):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def order_hash(n, seed):
+    """Hash of the fixed data order (first epoch's permutation): printed in every log."""
+    return hashlib.sha256(epoch_order(n, seed, 0).astype(np.int64).tobytes()).hexdigest()[:16]
+
+
+def global_batch_indices(n, seed, position, batch_size):
+    """Sample indices of the global batch that starts `position` samples into the seeded stream."""
+    out, taken = [], 0
+    while taken < batch_size:
+        epoch, offset = divmod(position + taken, n)
+        chunk = epoch_order(n, seed, epoch)[offset:offset + batch_size - taken]
+        out.append(chunk)
+        taken += len(chunk)
+    return np.concatenate(out)
+
+
+class Loader:
+    """Global batches in the fixed seeded order, split across ranks without overlap.
+
+    Resumes from a sample offset (`position`). A background thread gathers the next batches and
+    copies them to the device on its own CUDA stream, so the training step never waits on the host.
+    """
+
+    def __init__(self, dataset, batch_size, seed, position=0, rank=0, world_size=1, device="cpu", prefetch=3):
+        if batch_size % world_size:
+            raise ValueError(f"global batch {batch_size} does not split over {world_size} ranks")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.position = position  # samples consumed by batches handed out so far
+        self.order_hash = order_hash(len(dataset), seed)
+        self._queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(position,), daemon=True)
+        self._thread.start()
+
+    def _produce(self, position):
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        per_rank = self.batch_size // self.world_size
+        while not self._stop.is_set():
+            idx = global_batch_indices(len(self.dataset), self.seed, position, self.batch_size)
+            raw = self.dataset.gather(idx[self.rank * per_rank:(self.rank + 1) * per_rank])
+            batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in raw.items()}
+            event = None
+            if stream is not None:
+                with torch.cuda.stream(stream):
+                    batch = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+                    event = torch.cuda.Event()
+                    event.record(stream)
+            position += self.batch_size
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((batch, event), timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch, event = self._queue.get()
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for v in batch.values():
+                v.record_stream(current)
+        self.position += self.batch_size
+        latents = (batch["latents"].float() - self.dataset.mean.to(self.device)) / self.dataset.std.to(self.device)
+        return latents, batch["text_tokens"].float(), batch["text_pooled"].float(), batch["caption_ids"]
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("shapes", help="build the GenEval-Shapes track")
+    s.add_argument("--out", default="data/shapes")
+    s.add_argument("--n-train", type=int, default=100_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=10_000)
+    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--text-model", default="ViT-B-32")
+    s.add_argument("--text-pretrained", default=None, help="open_clip pretrained tag; default: seeded random init")
+    s.add_argument("--text-seed", type=int, default=0)
+    s.add_argument("--text-seq-len", type=int, default=16)
+    v = sub.add_parser("verify", help="check a shard directory against its manifest")
+    v.add_argument("root")
+    args = p.parse_args(argv)
+    if args.command == "shapes":
+        build_shapes(args.out, args.n_train, args.seed, args.shard_size, args.workers, args.text_model,
+                     args.text_pretrained, args.text_seed, args.text_seq_len)
+    elif args.command == "verify":
+        dataset = ShardDataset(args.root)
+        print(f"{args.root}: ok, {len(dataset)} samples, order hash {order_hash(len(dataset), 0)} (seed 0)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,343 @@
+"""evaluate.py: GenEval's rules on a sample folder, and metric-against-training-clock curves.
+
+    python evaluate.py score samples/ckpt_0001000            # -> results.jsonl + scores.json
+    python evaluate.py curve runs/shapes                     # sample + score every checkpoint
+    python evaluate.py truth data/shapes --out truth         # ground-truth renders, for checking
+
+The rule engine follows djghosh13/geneval's evaluation: detections above a confidence threshold
+(a stricter one for counting), at most max_objects per class, optional class-wise NMS; include
+clauses must all hold (the top-`count` detections of the class are checked for colour and
+position), any exclude clause fails the image; each task scores the fraction of correct images
+and the overall score is the mean of the six task scores.
+
+Detector backends plug into the same engine. `shapes` is exact for the GenEval-Shapes track:
+background subtraction, connected components, nearest-palette colour, and the shape whose
+template best matches the component; its confidence is that match (IoU) times colour purity.
+"""
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import data
+
+# -----------------------------------------------------------------------------
+# GenEval's rule engine
+
+
+@dataclass
+class Thresholds:
+    threshold: float = 0.3  # detection confidence
+    counting_threshold: float = 0.9  # detection confidence for the counting task
+    max_objects: int = 16  # per class
+    max_overlap: float = 1.0  # NMS IoU; 1.0 keeps every detection
+    position_threshold: float = 0.1  # size margin of the relative-position rule
+
+
+@dataclass
+class Detection:
+    box: tuple  # (x1, y1, x2, y2) in pixels
+    score: float
+    color: str = None  # set by detectors that classify colour themselves
+
+
+def box_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def keep_detections(raw, tag, th: Thresholds):
+    """Per class: confidence threshold, highest first, at most max_objects, then NMS."""
+    threshold = th.counting_threshold if tag == "counting" else th.threshold
+    kept = {}
+    for cls, dets in raw.items():
+        order = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[:th.max_objects]
+        chosen = []
+        while order:
+            best = order.pop(0)
+            chosen.append(best)
+            order = [d for d in order if th.max_overlap >= 1 or box_iou(best.box, d.box) < th.max_overlap]
+        if chosen:
+            kept[cls] = chosen
+    return kept
+
+
+def judge(detected, metadata, colors_of, th: Thresholds):
+    """GenEval's verdict for one image: (correct, reason). colors_of(cls, detections) -> colour names."""
+    correct, reasons, groups = True, [], []
+    for clause in metadata.get("include", []):
+        cls, count = clause["class"], clause["count"]
+        found = detected.get(cls, [])[:count]
+        matched = len(found) >= count
+        if not matched:
+            reasons.append(f"expected {cls}>={count}, found {len(found)}")
+        else:
+            if "color" in clause:
+                colors = colors_of(cls, found)
+                if colors.count(clause["color"]) < count:
+                    matched = False
+                    reasons.append(f"expected {clause['color']} {cls}>={count}, found "
+                                   f"{colors.count(clause['color'])} {clause['color']}; and "
+                                   + ", ".join(f"{colors.count(c)} {c}" for c in sorted(set(colors)) if c != clause["color"]))
+            if "position" in clause and matched:
+                relation, target = clause["position"]
+                if groups[target] is None:
+                    matched = False
+                    reasons.append(f"no target for {cls} to be {relation}")
+                else:
+                    for obj in found:
+                        for other in groups[target]:
+                            actual = data.relative_position(obj.box, other.box, th.position_threshold)
+                            if relation not in actual:
+                                matched = False
+                                reasons.append(f"expected {cls} {relation} target, found "
+                                               f"{' and '.join(sorted(actual)) or 'no relation'}")
+                                break
+                        if not matched:
+                            break
+        correct &= matched
+        groups.append(found if matched else None)
+    for clause in metadata.get("exclude", []):
+        cls, count = clause["class"], clause["count"]
+        if len(detected.get(cls, [])) >= count:
+            correct = False
+            reasons.append(f"expected {cls}<{count}, found {len(detected[cls])}")
+    return correct, "\n".join(reasons)
+
+
+def summarize(rows):
+    """Per-task accuracy and the overall score (the mean over tasks)."""
+    tasks = {}
+    for row in rows:
+        tasks.setdefault(row["tag"], []).append(row["correct"])
+    scores = {tag: float(np.mean(v)) for tag, v in sorted(tasks.items())}
+    scores["overall"] = float(np.mean(list(scores.values()))) if scores else 0.0
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# The shapes detector (GenEval-Shapes track)
+
+BACKGROUND_TOLERANCE = 40  # max channel difference still counted as background
+COLOR_TOLERANCE = 60  # max RGB distance to the palette colour for a pixel to count as that colour
+MIN_AREA = 20  # pixels; smaller components are noise
+PALETTE_NAMES = list(data.COLORS)
+PALETTE = np.array([data.COLORS[c] for c in PALETTE_NAMES], np.float32)
+
+
+def connected_components(mask):
+    """8-connected components of a boolean mask, as arrays of (y, x) pixels.
+
+    Min-label propagation over 3x3 neighbourhoods with pointer jumping: each foreground pixel ends
+    labelled with the smallest flat index in its component, in a few vectorised passes.
+    """
+    h, w = mask.shape
+    big = h * w
+    labels = np.where(mask, np.arange(big).reshape(h, w), big)
+    while True:
+        padded = np.pad(labels, 1, constant_values=big)
+        neighbours = np.min([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+        new = np.where(mask, neighbours, big)
+        flat = np.append(new.ravel(), big)
+        new = np.where(mask, flat[flat[new]], big)  # pointer jumping: follow labels twice
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    ys, xs = np.nonzero(mask)
+    order = np.argsort(labels[ys, xs], kind="stable")
+    ys, xs, keys = ys[order], xs[order], labels[ys, xs][order]
+    splits = np.nonzero(np.diff(keys))[0] + 1
+    return [np.stack([y, x], axis=1) for y, x in zip(np.split(ys, splits), np.split(xs, splits))] if len(ys) else []
+
+
+def detect_shapes(image):
+    """Detections {class: [Detection]} in one (H, W, 3) uint8 image of the Shapes track."""
+    pixels = image.astype(np.float32)
+    foreground = np.abs(pixels - np.array(data.BACKGROUND, np.float32)).max(axis=2) > BACKGROUND_TOLERANCE
+    distances = np.linalg.norm(pixels[:, :, None, :] - PALETTE[None, None], axis=3)
+    nearest, nearest_dist = distances.argmin(axis=2), distances.min(axis=2)
+    found = {}
+    for comp in connected_components(foreground):
+        if len(comp) < MIN_AREA:
+            continue
+        ys, xs = comp[:, 0], comp[:, 1]
+        y1, x1, y2, x2 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+        color = np.bincount(nearest[ys, xs], minlength=len(PALETTE)).argmax()
+        purity = np.mean((nearest[ys, xs] == color) & (nearest_dist[ys, xs] < COLOR_TOLERANCE))
+        mask = np.zeros((y2 - y1, x2 - x1), bool)
+        mask[ys - y1, xs - x1] = True
+        ious = {}
+        for shape in data.SHAPES:
+            template = data.shape_mask(shape, x2 - x1, y2 - y1)
+            ious[shape] = (template & mask).sum() / (template | mask).sum()
+        shape = max(ious, key=ious.get)
+        found.setdefault(shape, []).append(
+            Detection((float(x1), float(y1), float(x2), float(y2)), float(ious[shape] * purity), PALETTE_NAMES[color]))
+    return found
+
+
+def shapes_backend():
+    """Detector and colour classifier of the Shapes track: colour comes with each detection."""
+    return detect_shapes, lambda image, cls, dets: [d.color for d in dets]
+
+
+BACKENDS = {"shapes": shapes_backend}
+
+
+# -----------------------------------------------------------------------------
+# Scoring a sample folder
+
+
+def read_sample_folder(folder):
+    """[(prompt index, metadata, [image paths])] of a GenEval-layout folder; errors name the path."""
+    folder = Path(folder)
+    prompt_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()) if folder.is_dir() else []
+    if not prompt_dirs:
+        raise data.DataError(f"{folder}: no prompt folders (expected {folder}/00000/metadata.jsonl)")
+    expected = None
+    entries = []
+    for d in prompt_dirs:
+        meta_path = d / "metadata.jsonl"
+        if not meta_path.exists():
+            raise data.DataError(f"{meta_path}: missing")
+        metadata = data.read_metadata(meta_path)[0]
+        images = sorted((d / "samples").glob("*.png"))
+        names = {p.name for p in images}
+        count = max([int(p.stem) for p in images] + [len(images) - 1]) + 1 if images else 0
+        expected = expected or count
+        missing = [f"{k:04d}.png" for k in range(max(expected, count)) if f"{k:04d}.png" not in names]
+        if missing or not images:
+            raise data.DataError(f"{d / 'samples' / (missing[0] if missing else '0000.png')}: missing image "
+                                 f"(expected {max(expected, count, 1)} per prompt)")
+        entries.append((int(d.name), metadata, images))
+    return entries
+
+
+def score_folder(folder, backend="shapes", th=Thresholds()):
+    """Score every image; write results.jsonl (one row per image) and scores.json; return the scores."""
+    detector, classify_colors = BACKENDS[backend]()
+    rows = []
+    for index, metadata, images in read_sample_folder(folder):
+        for path in images:
+            image = np.asarray(Image.open(path).convert("RGB"))
+            detected = keep_detections(detector(image), metadata["tag"], th)
+            correct, reason = judge(detected, metadata, lambda cls, dets: classify_colors(image, cls, dets), th)
+            rows.append({"filename": str(path), "tag": metadata["tag"], "prompt": metadata["prompt"],
+                         "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
+                         "details": json.dumps({c: [list(d.box) for d in ds] for c, ds in detected.items()})})
+    with open(Path(folder) / "results.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    scores = summarize(rows)
+    with open(Path(folder) / "scores.json", "w") as f:
+        json.dump({"backend": backend, "images": len(rows), **scores}, f, indent=1)
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# Curves: score every checkpoint of a run, against training-clock seconds
+
+CURVE_FIELDS = ["train_seconds", "step", "images_seen", "single_object", "two_object", "counting", "colors",
+                "position", "color_attr", "overall"]
+
+
+def write_curve(run, points, metric="overall"):
+    run = Path(run)
+    with open(run / "curve.json", "w") as f:
+        json.dump(points, f, indent=1)
+    with open(run / "curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(points)
+    plot_curves({run.name: points}, run / "curve.png", metric)
+
+
+def plot_curves(runs, path, metric="overall"):
+    """One PNG of `metric` against training seconds, one line per run (several runs on one figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in runs.items():
+        ax.plot([p["train_seconds"] for p in points], [p[metric] for p in points], marker="o", label=name)
+    ax.set_xlabel("training wall-clock (s)")
+    ax.set_ylabel(f"GenEval-Shapes {metric}" if metric in CURVE_FIELDS else metric)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def curve(args):
+    import sample
+    ckpts = sample.checkpoints_of(args.run)
+    manifest, prompts, encoder, device = sample.sampling_setup(args, ckpts[0])
+    points = []
+    for ckpt_path in ckpts:
+        out = Path(args.run) / "samples" / ckpt_path.stem
+        ckpt = sample.sample_checkpoint(ckpt_path, out, prompts, manifest, encoder, args.images_per_prompt,
+                                        args.cfg_scale, args.batch_size, args.seed, args.weights, device,
+                                        args.compile, log=lambda m: None)
+        scores = score_folder(out, args.backend)
+        points.append({"train_seconds": ckpt["train_seconds"], "step": ckpt["step"],
+                       "images_seen": ckpt["images_seen"], **scores})
+        print(f"{ckpt_path.name}: {ckpt['train_seconds']:.1f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        write_curve(args.run, points)
+    print(f"curve: {Path(args.run) / 'curve.png'}  table: {Path(args.run) / 'curve.csv'}")
+
+
+def truth(args):
+    """Ground-truth renders of the data's evaluation prompts, in GenEval's layout."""
+    manifest = data.read_manifest(args.data)
+    prompts = data.read_metadata(Path(args.data) / manifest["eval_metadata"])
+    import sample
+    for i, prompt in enumerate(sample.select_prompts(prompts, args.per_tag)):
+        folder = Path(args.out) / f"{i:05d}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        (folder / "metadata.jsonl").write_text(json.dumps(prompt) + "\n")
+        for j in range(data.EVAL_IMAGES_PER_PROMPT):
+            image = data.shapes_truth_image(manifest["seed"], i, j, prompt)
+            Image.fromarray(image).save(folder / "samples" / f"{j:04d}.png")
+    print(f"wrote ground-truth renders to {args.out}")
+
+
+def main(argv=None):
+    import sample
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score a GenEval-layout sample folder")
+    s.add_argument("folder")
+    s.add_argument("--backend", choices=sorted(BACKENDS), default="shapes")
+    c = sub.add_parser("curve", help="sample and score every checkpoint of a run")
+    c.add_argument("run")
+    c.add_argument("--backend", choices=sorted(BACKENDS), default="shapes")
+    sample.add_sampling_args(c)
+    t = sub.add_parser("truth", help="ground-truth renders of a Shapes data set's evaluation prompts")
+    t.add_argument("data")
+    t.add_argument("--out", required=True)
+    t.add_argument("--per-tag", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.command == "score":
+        scores = score_folder(args.folder, args.backend)
+        print("  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    elif args.command == "curve":
+        curve(args)
+    elif args.command == "truth":
+        truth(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,215 @@
+"""The DiT: a diffusion transformer for text-to-image, conditioned on text-tower token features.
+
+Text conditioning is joint attention: the caption's token features are projected to the model
+width and attend together with the image tokens in every block (one shared attention, as in
+DiT's in-context conditioning). The pooled caption embedding joins the timestep embedding in the
+adaLN-Zero modulation. A learned null caption replaces the text for classifier-free guidance.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 64  # latent height = width
+    in_channels: int = 3
+    patch_size: int = 4
+    hidden: int = 384
+    depth: int = 12
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    text_len: int = 16  # caption token positions the model sees
+    text_dim: int = 512  # width of the text tower's token features
+    pooled_dim: int = 512  # width of the pooled caption embedding
+    prediction: str = "velocity"  # network output: "velocity", or "image" (x-prediction, turned into velocity)
+
+    @property
+    def image_tokens(self):
+        return (self.input_size // self.patch_size) ** 2
+
+
+# Width/depth presets, as in DiT (S/B/L/XL); tiny is for CPU runs and tests.
+PRESETS = {
+    "tiny": dict(hidden=128, depth=4, heads=4),
+    "S": dict(hidden=384, depth=12, heads=6),
+    "B": dict(hidden=768, depth=12, heads=12),
+    "L": dict(hidden=1024, depth=24, heads=16),
+    "XL": dict(hidden=1152, depth=28, heads=16),
+}
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_2d(dim, grid):
+    """Fixed 2-D sine-cosine position embedding, (grid*grid, dim)."""
+    coords = torch.arange(grid, dtype=torch.float64)
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    parts = [torch.outer(c.flatten(), freqs) for c in (y, x)]
+    return torch.cat([f(p) for p in parts for f in (torch.sin, torch.cos)], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal features -> MLP."""
+
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = 1000 * t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class TextEmbedder(nn.Module):
+    """Caption token features and pooled embedding -> model width; the null caption for CFG."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.tokens = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, cfg.hidden))
+        self.pooled = nn.Sequential(nn.LayerNorm(cfg.pooled_dim), nn.Linear(cfg.pooled_dim, cfg.hidden))
+        self.null_tokens = nn.Parameter(torch.randn(cfg.text_len, cfg.text_dim))
+        self.null_pooled = nn.Parameter(torch.randn(cfg.pooled_dim))
+
+    def forward(self, text_tokens, text_pooled, drop):
+        """drop: (B,) bool, True where the caption is replaced by the null caption."""
+        if drop is not None:
+            text_tokens = torch.where(drop[:, None, None], self.null_tokens.to(text_tokens.dtype), text_tokens)
+            text_pooled = torch.where(drop[:, None], self.null_pooled.to(text_pooled.dtype), text_pooled)
+        return self.tokens(text_tokens), self.pooled(text_pooled)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden, ratio):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, int(hidden * ratio))
+        self.fc2 = nn.Linear(int(hidden * ratio), hidden)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm attention + MLP with adaLN-Zero modulation from the conditioning vector."""
+
+    def __init__(self, hidden, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(hidden, mlp_ratio)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, out_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, out_dim)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if (cfg.input_size % cfg.patch_size or cfg.hidden % cfg.heads or cfg.hidden % 4
+                or cfg.prediction not in ("velocity", "image")):
+            raise ValueError(f"inconsistent DiT config: {cfg}")
+        self.cfg = cfg
+        p, C = cfg.patch_size, cfg.in_channels
+        self.patch_embed = nn.Linear(p * p * C, cfg.hidden)
+        self.register_buffer("pos_embed", sincos_2d(cfg.hidden, cfg.input_size // p), persistent=False)
+        self.t_embed = TimestepEmbedder(cfg.hidden)
+        self.text_embed = TextEmbedder(cfg)
+        self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final = FinalLayer(cfg.hidden, p * p * C)
+        self.initialize()
+
+    def initialize(self):
+        # DiT's init: xavier linears, N(0, 0.02) timestep MLP, zeroed adaLN and output (identity blocks).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.t_embed.mlp[0], self.t_embed.mlp[2]:
+            nn.init.normal_(m.weight, std=0.02)
+        for m in [b.adaLN[-1] for b in self.blocks] + [self.final.adaLN[-1], self.final.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def patchify(self, x):
+        B, C, H, W = x.shape
+        p = self.cfg.patch_size
+        return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+    def unpatchify(self, x):
+        B, C, p, g = x.shape[0], self.cfg.in_channels, self.cfg.patch_size, self.cfg.input_size // self.cfg.patch_size
+        return x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+    def forward(self, x, t, text_tokens, text_pooled, drop=None):
+        """Velocity prediction for latents x (B, C, H, W) at times t (B,) given caption features."""
+        image = self.patch_embed(self.patchify(x)) + self.pos_embed
+        text, pooled = self.text_embed(text_tokens[:, :self.cfg.text_len], text_pooled, drop)
+        c = self.t_embed(t) + pooled
+        h = torch.cat([image, text], dim=1)
+        for block in self.blocks:
+            h = block(h, c)
+        out = self.unpatchify(self.final(h[:, :image.shape[1]], c))
+        if self.cfg.prediction == "image":
+            # x_t = (1 - t) x + t noise  =>  velocity = (x_t - x) / t; the clamp bounds it near t = 0.
+            return (x - out) / t.clamp(min=0.05).view(-1, 1, 1, 1)
+        return out
+
+
+def param_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_image(cfg: DiTConfig, training=True):
+    """Matmul FLOPs for one image through the model (x3 for forward + backward when training).
+
+    Counted from the layer shapes: every linear layer at 2*in*out per token it sees, attention at
+    2*N*N*D for scores plus 2*N*N*D for the weighted sum, per block. Elementwise ops are left out.
+    """
+    D, N_img, N_txt = cfg.hidden, cfg.image_tokens, cfg.text_len
+    N, M = N_img + N_txt, int(D * cfg.mlp_ratio)
+    pp_c = cfg.patch_size ** 2 * cfg.in_channels
+    per_block = N * 2 * (3 * D * D + D * D + 2 * D * M) + 4 * N * N * D + 2 * D * 6 * D
+    flops = (cfg.depth * per_block
+             + N_img * 2 * pp_c * D  # patch embedding
+             + N_txt * 2 * cfg.text_dim * D + 2 * cfg.pooled_dim * D  # text projections
+             + 2 * 256 * D + 2 * D * D  # timestep MLP
+             + 2 * D * 2 * D + N_img * 2 * D * pp_c)  # final adaLN + output projection
+    return 3 * flops if training else flops

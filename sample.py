@@ -1,0 +1,178 @@
+"""sample.py: 100-NFE samples of a checkpoint (or of every checkpoint of a run), in GenEval's layout.
+
+    python sample.py runs/shapes/checkpoints/ckpt_0001000.pt --out samples/ckpt_0001000
+    python sample.py runs/shapes                      # every checkpoint -> runs/shapes/samples/<ckpt>/
+
+NFE: one evaluation of the guided velocity field is 1 NFE; the conditional and unconditional
+branches of classifier-free guidance are batched together into that one evaluation. Every image
+takes exactly NFE = 100 evaluations: 100 Euler steps from pure noise at t = 1 to the image at t = 0.
+The sampler's only random inputs are the noise, seeded per (prompt index, sample index), and the
+prompt.
+
+Output (GenEval's layout, scorable by its scripts unchanged):
+    <out>/<5-digit prompt index>/metadata.jsonl   the prompt's JSON object
+    <out>/<5-digit prompt index>/samples/<4-digit>.png
+    <out>/<5-digit prompt index>/grid.png
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import model as dit
+from train_dit import load_checkpoint
+
+NFE = 100
+
+
+@torch.no_grad()
+def sample_latents(model, noise, text_tokens, text_pooled, cfg_scale, nfe=NFE):
+    """Euler integration of the guided velocity field from t=1 (noise) to t=0, nfe evaluations."""
+    x = noise
+    times = torch.linspace(1.0, 0.0, nfe + 1, device=noise.device)
+    b = len(x)
+    tokens2, pooled2 = torch.cat([text_tokens, text_tokens]), torch.cat([text_pooled, text_pooled])
+    drop = torch.arange(2 * b, device=noise.device) >= b  # second half: the null caption
+    for i in range(nfe):
+        t = times[i].expand(2 * b)
+        v_cond, v_uncond = model(torch.cat([x, x]), t, tokens2, pooled2, drop).float().chunk(2)
+        x = x + (times[i + 1] - times[i]) * (v_uncond + cfg_scale * (v_cond - v_uncond))
+    return x
+
+
+def image_noise(shape, seed, prompt_index, sample_index):
+    """The noise of one image: a function of (seed, prompt index, sample index) alone."""
+    rng = np.random.default_rng([seed, prompt_index, sample_index])
+    return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+
+
+def save_grid(images, path, columns=2):
+    rows = (len(images) + columns - 1) // columns
+    h, w = images[0].shape[:2]
+    grid = np.zeros((rows * h, columns * w, 3), np.uint8)
+    for k, image in enumerate(images):
+        grid[(k // columns) * h:(k // columns + 1) * h, (k % columns) * w:(k % columns + 1) * w] = image
+    Image.fromarray(grid).save(path)
+
+
+def build_model(ckpt, weights, device):
+    model = dit.DiT(dit.DiTConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt[weights])
+    return model.to(device).eval()
+
+
+def sample_checkpoint(ckpt_path, out, prompts, manifest, encoder, images_per_prompt=4, cfg_scale=4.0,
+                      batch_size=256, seed=0, weights="ema", device="cpu", compile=False, log=print):
+    """Write images_per_prompt samples for every prompt into `out` (GenEval layout)."""
+    ckpt = load_checkpoint(ckpt_path)
+    model = build_model(ckpt, weights, device)
+    if ckpt["model_config"]["text_dim"] != manifest["text"]["width"]:
+        raise data.DataError(f"{ckpt_path}: checkpoint expects text width {ckpt['model_config']['text_dim']}, "
+                             f"the data's text encoder gives {manifest['text']['width']}")
+    forward = torch.compile(model) if compile else model
+    autoencoder = data.autoencoder_from_manifest(manifest)
+    latent_shape = tuple(manifest["latent"]["shape"])
+    tokens, pooled = encoder.encode([p["prompt"] for p in prompts])
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]
+    out = Path(out)
+    images = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        pad = batch_size - len(chunk) if compile else 0  # fixed shapes: no recompiles
+        chunk_padded = chunk + [chunk[-1]] * pad
+        noise = torch.stack([image_noise(latent_shape, seed, i, j) for i, j in chunk_padded]).to(device)
+        idx = torch.tensor([i for i, _ in chunk_padded])
+        with autocast:
+            latents = sample_latents(forward, noise, tokens[idx].to(device), pooled[idx].to(device), cfg_scale)
+        decoded = autoencoder.decode(latents[:len(chunk)]).numpy()
+        for (i, j), image in zip(chunk, decoded):
+            images[i, j] = image
+        log(f"sampled {min(start + batch_size, len(jobs))}/{len(jobs)} images", )
+    for i, prompt in enumerate(prompts):
+        folder = out / f"{i:05d}"
+        (folder / "samples").mkdir(parents=True, exist_ok=True)
+        with open(folder / "metadata.jsonl", "w") as f:
+            f.write(json.dumps(prompt) + "\n")
+        for j in range(images_per_prompt):
+            Image.fromarray(images[i, j]).save(folder / "samples" / f"{j:04d}.png")
+        save_grid([images[i, j] for j in range(images_per_prompt)], folder / "grid.png")
+    with open(out / "sampling.json", "w") as f:
+        json.dump({"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": cfg_scale,
+                   "weights": weights, "seed": seed, "images_per_prompt": images_per_prompt,
+                   "train_seconds": ckpt["train_seconds"], "step": ckpt["step"],
+                   "images_seen": ckpt["images_seen"], "params": ckpt["params"]}, f, indent=1)
+    return ckpt
+
+
+def checkpoints_of(run):
+    """A checkpoint file, or every checkpoint of a run directory in training order."""
+    run = Path(run)
+    if run.is_file():
+        return [run]
+    found = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    if not found:
+        raise data.DataError(f"{run}: no checkpoints (expected {run}/checkpoints/ckpt_*.pt)")
+    return found
+
+
+def select_prompts(prompts, per_tag=None):
+    """The first `per_tag` prompts of each tag (all when None), keeping their order."""
+    if per_tag is None:
+        return prompts
+    seen = {}
+    kept = []
+    for p in prompts:
+        seen[p["tag"]] = seen.get(p["tag"], 0) + 1
+        if seen[p["tag"]] <= per_tag:
+            kept.append(p)
+    return kept
+
+
+def add_sampling_args(p):
+    p.add_argument("--data", default=None, help="shard directory (default: the one the checkpoint trained on)")
+    p.add_argument("--prompts", default=None, help="GenEval metadata jsonl (default: the data's eval list)")
+    p.add_argument("--per-tag", type=int, default=None, help="only the first N prompts of each tag")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+
+
+def sampling_setup(args, ckpt_path):
+    """The manifest, prompts, text encoder and device for sampling a run's checkpoints."""
+    data_dir = args.data or load_checkpoint(ckpt_path)["data"]
+    manifest = data.read_manifest(data_dir)
+    prompts = data.read_metadata(args.prompts or Path(data_dir) / manifest["eval_metadata"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = data.text_encoder_from_manifest(manifest, device)
+    return manifest, select_prompts(prompts, args.per_tag), encoder, device
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint file or a run directory")
+    p.add_argument("--out", default=None, help="output folder (default: <run>/samples/<checkpoint name>)")
+    add_sampling_args(p)
+    args = p.parse_args(argv)
+    ckpts = checkpoints_of(args.checkpoint)
+    manifest, prompts, encoder, device = sampling_setup(args, ckpts[0])
+    for ckpt in ckpts:
+        out = Path(args.out) if args.out and len(ckpts) == 1 else ckpt.parent.parent / "samples" / ckpt.stem
+        sample_checkpoint(ckpt, out, prompts, manifest, encoder, args.images_per_prompt, args.cfg_scale,
+                          args.batch_size, args.seed, args.weights, device, args.compile)
+        print(f"{ckpt} -> {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,362 @@
+"""train_dit.py: train a text-to-image DiT with flow matching, on a training-clock budget.
+
+    python data.py shapes --out data/shapes                        # build the data once
+    torchrun --standalone --nproc_per_node=1 train_dit.py --preset shapes-gpu
+    python train_dit.py --preset shapes-cpu --budget_seconds 120   # no GPU
+    python evaluate.py curve runs/shapes                           # sample + score every checkpoint
+
+Read top to bottom: hyperparameters, setup, logging, data, model and optimizer, the training
+step, the compile warm-up, the training loop. To attempt a record, change what you need here (or
+in model.py) and keep the rules of README.md: fixed data and data order, 100-NFE sampling.
+
+The training clock starts after an untimed compile warm-up (whose effects on weights, optimizer
+and data position are undone) and stops while checkpoints are written. Checkpoints land every
+`ckpt_every_seconds` of training clock; sample.py and evaluate.py turn them into the curve.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import model as dit
+
+# =============================================================================
+# Hyperparameters
+
+
+@dataclass
+class Hyperparameters:
+    # data and output
+    data: str = "data/shapes"  # shard directory written by data.py
+    out: str = "runs/shapes"  # run directory: log.txt, checkpoints/, samples/, curve.*
+    # model
+    model: str = "S"  # width/depth preset in model.PRESETS
+    patch_size: int = 4
+    prediction: str = "velocity"  # "velocity" or "image" (x-prediction; suits wide patches, see model.py)
+    # optimisation
+    batch_size: int = 256  # global batch, split evenly over ranks
+    lr: float = 3e-4
+    lr_warmup_steps: int = 100
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables
+    ema_decay: float = 0.999
+    # flow matching
+    time_sampling: str = "logit_normal"  # "logit_normal" (SD3) or "uniform"
+    text_dropout: float = 0.1  # fraction of captions replaced by the null caption (for CFG)
+    # clock and checkpoints
+    budget_seconds: float = 300.0  # training-clock seconds
+    max_steps: int = 0  # also stop after this many steps (0: no limit)
+    ckpt_every_seconds: float = 30.0
+    log_every: int = 25  # steps between loss reads and clock checks (each is one host sync)
+    # systems
+    seed: int = 0
+    compile: bool = True  # torch.compile the model (GPU only)
+    compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
+    resume: str = ""  # checkpoint to continue from
+    wandb: bool = False  # log to wandb (if installed)
+
+
+# Presets are data: named overrides of the defaults above. CLI flags override a preset.
+PRESETS = {
+    "shapes-gpu": dict(data="data/shapes", out="runs/shapes", model="S", patch_size=4, batch_size=256,
+                       budget_seconds=300, ckpt_every_seconds=30, log_every=25),
+    "shapes-cpu": dict(data="data/shapes-cpu", out="runs/shapes-cpu", model="tiny", patch_size=8,
+                       batch_size=32, lr=1e-3, lr_warmup_steps=20, ema_decay=0.99, budget_seconds=300,
+                       ckpt_every_seconds=100, log_every=10, compile=False),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named set of overrides")
+    for f in dataclasses.fields(Hyperparameters):
+        kind = {bool: lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]}.get(f.type, f.type)
+        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r}")
+    args = p.parse_args(argv)
+    overrides = dict(PRESETS[args.preset]) if args.preset else {}
+    overrides.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
+    return Hyperparameters(**overrides)
+
+
+def main(hp: Hyperparameters):
+    # =========================================================================
+    # Setup: distributed, device, seeds
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    use_cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda)
+    torch.manual_seed(hp.seed)
+
+    def sync():
+        if use_cuda:
+            torch.cuda.synchronize(device)
+
+    # =========================================================================
+    # Logging: the log starts with the code and the environment of the run
+
+    out = Path(hp.out)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    logfile = open(out / "log.txt", "a") if master else None
+
+    def log(msg, echo=True):
+        if master:
+            logfile.write(msg + "\n")
+            logfile.flush()
+            if echo:
+                print(msg)
+
+    for name in ("train_dit.py", "model.py", "data.py"):
+        log(f"==================== {name}\n{(Path(__file__).parent / name).read_text()}", echo=False)
+    log(f"==================== environment\n{environment_report()}", echo=False)
+    log(f"==================== hyperparameters\n{json.dumps(asdict(hp), indent=1)}")
+
+    wandb_run = None
+    if hp.wandb and master:
+        try:
+            import wandb
+            wandb_run = wandb.init(project="imagegen-speedrun", config=asdict(hp), dir=str(out))
+        except ImportError:
+            log("wandb requested but not installed: logging to log.txt only")
+
+    # =========================================================================
+    # Data: the fixed seeded order, split over ranks
+
+    dataset = data.ShardDataset(hp.data)
+    data_hash = data.order_hash(len(dataset), hp.seed)
+    log(f"data: {hp.data} track={dataset.manifest['track']} samples={len(dataset)} "
+        f"data_order_hash={data_hash} (seed {hp.seed})")
+
+    # =========================================================================
+    # Model, EMA and optimizer
+
+    latent_c, latent_h, _ = dataset.latent_shape
+    text = dataset.manifest["text"]
+    cfg = dit.DiTConfig(input_size=latent_h, in_channels=latent_c, patch_size=hp.patch_size,
+                        text_len=text["seq_len"], text_dim=text["width"], pooled_dim=text["pooled_width"],
+                        prediction=hp.prediction,
+                        **dit.PRESETS[hp.model])
+    raw_model = dit.DiT(cfg).to(device)
+    ema = copy.deepcopy(raw_model).requires_grad_(False)
+    n_params = dit.param_count(raw_model)
+    flops_per_image = dit.flops_per_image(cfg)
+    log(f"model: {hp.model} {asdict(cfg)}\nparams: {n_params:,}  training GFLOP/image: {flops_per_image / 1e9:.2f}")
+
+    decay, no_decay = [], []
+    for name, p in raw_model.named_parameters():
+        (decay if p.ndim >= 2 and "null" not in name else no_decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=hp.lr, betas=(hp.beta1, hp.beta2), fused=use_cuda)
+    model = DDP(raw_model, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else raw_model
+    if hp.compile and use_cuda:
+        model = torch.compile(model)
+
+    step, train_seconds, position = 0, 0.0, 0
+    if hp.resume:
+        ckpt = load_checkpoint(hp.resume, cfg)
+        raw_model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, train_seconds, position = ckpt["step"], ckpt["train_seconds"], ckpt["loader_position"]
+        log(f"resumed from {hp.resume}: step {step}, {train_seconds:.1f} s of training clock")
+
+    # =========================================================================
+    # The training step: flow matching, x_t = (1 - t) x + t * noise, target velocity noise - x
+
+    per_rank = hp.batch_size // world_size
+    generator = torch.Generator(device).manual_seed(0)
+
+    def draw(step):
+        # The global batch's noise, times and caption drops depend only on (seed, step): every rank
+        # draws all of them and keeps its slice, so world size and resume do not change the run.
+        generator.manual_seed(hp.seed * 1_000_003 + step)
+        noise = torch.randn((hp.batch_size, *dataset.latent_shape), generator=generator, device=device)
+        u = torch.randn if hp.time_sampling == "logit_normal" else torch.rand
+        t = u((hp.batch_size,), generator=generator, device=device)
+        t = torch.sigmoid(t) if hp.time_sampling == "logit_normal" else t
+        drop = torch.rand((hp.batch_size,), generator=generator, device=device) < hp.text_dropout
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        return noise[mine], t[mine], drop[mine]
+
+    ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
+
+    def train_step(step, latents, text_tokens, text_pooled):
+        noise, t, drop = draw(step)
+        x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
+        for group in optimizer.param_groups:
+            group["lr"] = hp.lr * min(1.0, (step + 1) / max(hp.lr_warmup_steps, 1))
+        with autocast:
+            velocity = model(x_t, t, text_tokens, text_pooled, drop)
+        loss = F.mse_loss(velocity.float(), noise - latents)
+        loss.backward()
+        if hp.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), hp.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, model_params, 1 - hp.ema_decay)
+        return loss.detach()
+
+    # =========================================================================
+    # Compile warm-up, untimed and undone
+
+    if hp.compile and use_cuda and hp.compile_warmup_steps > 0:
+        saved = [copy.deepcopy(m.state_dict()) for m in (raw_model, ema, optimizer)]
+        warm_loader = data.Loader(dataset, hp.batch_size, hp.seed, position, rank, world_size, device)
+        batch = next(warm_loader)
+        warm_loader.close()
+        t0 = time.perf_counter()
+        for i in range(hp.compile_warmup_steps):
+            train_step(step + i, *batch[:3])
+        sync()
+        for m, state in zip((raw_model, ema, optimizer), saved):
+            m.load_state_dict(state)
+        log(f"compile warm-up: {hp.compile_warmup_steps} steps in {time.perf_counter() - t0:.1f} s (untimed, undone)")
+
+    # =========================================================================
+    # Training loop: checkpoints on marks of the training clock
+
+    loader = data.Loader(dataset, hp.batch_size, hp.seed, position, rank, world_size, device)
+
+    def save_checkpoint():
+        if not master:
+            return
+        path = out / "checkpoints" / f"ckpt_{step:07d}.pt"
+        atomic_save({
+            "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "model_config": asdict(cfg), "hparams": asdict(hp), "step": step, "train_seconds": train_seconds,
+            "images_seen": step * hp.batch_size, "params": n_params, "data_order_hash": data_hash,
+            "loader_position": loader.position, "data": str(hp.data), "world_size": world_size,
+        }, path)
+        log(f"checkpoint {path} at {train_seconds:.1f} s, step {step}")
+
+    next_ckpt = (train_seconds // hp.ckpt_every_seconds + 1) * hp.ckpt_every_seconds
+    losses = []
+    progress = tqdm_or_none(master, hp.budget_seconds, train_seconds)
+    sync()
+    segment_start = time.perf_counter()
+    while True:
+        latents, text_tokens, text_pooled, _ = next(loader)
+        losses.append(train_step(step, latents, text_tokens, text_pooled))
+        step += 1
+        if step % hp.log_every and not (hp.max_steps and step >= hp.max_steps):
+            continue
+        # One host sync per log interval: read the losses, then the clock (the same on every rank).
+        loss_values = torch.stack(losses).tolist()
+        sync()
+        clock = torch.tensor(train_seconds + time.perf_counter() - segment_start)
+        if world_size > 1:
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+        clock = float(clock)
+        first = step - len(loss_values) + 1
+        for i, value in enumerate(loss_values):
+            log(f"step {first + i} loss {value:.5f}", echo=False)
+        rate = hp.batch_size * len(loss_values) / max(clock - train_seconds, 1e-9)
+        log(f"step {step} | train {clock:.1f} s | loss {sum(loss_values) / len(loss_values):.4f} | "
+            f"{rate:.0f} img/s | images {step * hp.batch_size}", echo=progress is None)
+        if progress is not None:
+            progress.update(clock - train_seconds)
+            progress.set_postfix(step=step, loss=f"{loss_values[-1]:.4f}")
+        if wandb_run:
+            wandb_run.log({"loss": loss_values[-1], "train_seconds": clock, "img_per_s": rate}, step=step)
+        losses.clear()
+        train_seconds = clock
+        done = train_seconds >= hp.budget_seconds or (hp.max_steps and step >= hp.max_steps)
+        if train_seconds >= next_ckpt or done:
+            save_checkpoint()  # the clock is stopped while the checkpoint is written
+            next_ckpt = (train_seconds // hp.ckpt_every_seconds + 1) * hp.ckpt_every_seconds
+        if done:
+            break
+        sync()
+        segment_start = time.perf_counter()
+
+    loader.close()
+    if progress is not None:
+        progress.close()
+    log(f"done: {step} steps, {train_seconds:.1f} s of training clock, {step * hp.batch_size} images")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+# =============================================================================
+# Helpers: checkpoints, environment report, progress bar
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file, fsync, then rename: a killed save leaves the old file intact."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, expected_cfg=None):
+    """Load a checkpoint; with expected_cfg, refuse one written for another model config."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise data.DataError(f"{path}: checkpoint not found") from None
+    except Exception as e:
+        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+        raise data.DataError(f"{path}: not a train_dit.py checkpoint (no 'model_config')")
+    if expected_cfg is not None:
+        diffs = [f"{k} {v!r} != {getattr(expected_cfg, k)!r}" for k, v in ckpt["model_config"].items()
+                 if getattr(expected_cfg, k, None) != v]
+        if diffs:
+            raise data.DataError(f"{path}: checkpoint is for another model config ({', '.join(diffs)})")
+    return ckpt
+
+
+def environment_report():
+    lines = [f"python {sys.version.split()[0]}  torch {torch.__version__}  platform {platform.platform()}",
+             f"cuda available: {torch.cuda.is_available()}"]
+    if torch.cuda.is_available():
+        lines.append(f"gpu: {torch.cuda.get_device_name()}  cuda {torch.version.cuda}")
+    try:
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+    except (OSError, subprocess.SubprocessError):
+        lines.append("nvidia-smi: not available")
+    return "\n".join(lines)
+
+
+def tqdm_or_none(master, total, initial):
+    if not master or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="s", desc="training clock", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
