@@ -281,17 +281,14 @@ def plot_curves(runs, path, metric="overall"):
 def curve(args):
     import sample
     ckpts = sample.checkpoints_of(args.run)
-    manifest, prompts, encoder, device = sample.sampling_setup(args, ckpts[0])
+    sampler = sample.sampler_from_args(args, ckpts[0])
     points = []
     for ckpt_path in ckpts:
         out = Path(args.run) / "samples" / ckpt_path.stem
-        ckpt = sample.sample_checkpoint(ckpt_path, out, prompts, manifest, encoder, args.images_per_prompt,
-                                        args.cfg_scale, args.batch_size, args.seed, args.weights, device,
-                                        args.compile, log=lambda m: None)
+        info = sampler.run(ckpt_path, out)
         scores = score_folder(out, args.backend)
-        points.append({"train_seconds": ckpt["train_seconds"], "step": ckpt["step"],
-                       "images_seen": ckpt["images_seen"], **scores})
-        print(f"{ckpt_path.name}: {ckpt['train_seconds']:.1f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        points.append({**info, **scores})
+        print(f"{ckpt_path.name}: {info['train_seconds']:.1f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         write_curve(args.run, points)
     print(f"curve: {Path(args.run) / 'curve.png'}  table: {Path(args.run) / 'curve.csv'}")
 

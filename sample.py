@@ -60,54 +60,67 @@ def save_grid(images, path, columns=2):
     Image.fromarray(grid).save(path)
 
 
-def build_model(ckpt, weights, device):
-    model = dit.DiT(dit.DiTConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt[weights])
-    return model.to(device).eval()
+class Sampler:
+    """Samples checkpoints of one run; the model is built (and compiled) once, weights swapped in."""
 
+    def __init__(self, manifest, prompts, encoder, device="cpu", images_per_prompt=4, cfg_scale=4.0,
+                 batch_size=256, seed=0, weights="ema", compile=False):
+        self.manifest, self.prompts, self.device = manifest, prompts, device
+        self.images_per_prompt, self.cfg_scale, self.batch_size = images_per_prompt, cfg_scale, batch_size
+        self.seed, self.weights, self.compile = seed, weights, compile
+        self.autoencoder = data.autoencoder_from_manifest(manifest)
+        self.latent_shape = tuple(manifest["latent"]["shape"])
+        self.tokens, self.pooled = encoder.encode([p["prompt"] for p in prompts])
+        self.model = self.model_config = self.forward = None
 
-def sample_checkpoint(ckpt_path, out, prompts, manifest, encoder, images_per_prompt=4, cfg_scale=4.0,
-                      batch_size=256, seed=0, weights="ema", device="cpu", compile=False, log=print):
-    """Write images_per_prompt samples for every prompt into `out` (GenEval layout)."""
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt, weights, device)
-    if ckpt["model_config"]["text_dim"] != manifest["text"]["width"]:
-        raise data.DataError(f"{ckpt_path}: checkpoint expects text width {ckpt['model_config']['text_dim']}, "
-                             f"the data's text encoder gives {manifest['text']['width']}")
-    forward = torch.compile(model) if compile else model
-    autoencoder = data.autoencoder_from_manifest(manifest)
-    latent_shape = tuple(manifest["latent"]["shape"])
-    tokens, pooled = encoder.encode([p["prompt"] for p in prompts])
-    jobs = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]
-    out = Path(out)
-    images = {}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        pad = batch_size - len(chunk) if compile else 0  # fixed shapes: no recompiles
-        chunk_padded = chunk + [chunk[-1]] * pad
-        noise = torch.stack([image_noise(latent_shape, seed, i, j) for i, j in chunk_padded]).to(device)
-        idx = torch.tensor([i for i, _ in chunk_padded])
-        with autocast:
-            latents = sample_latents(forward, noise, tokens[idx].to(device), pooled[idx].to(device), cfg_scale)
-        decoded = autoencoder.decode(latents[:len(chunk)]).numpy()
-        for (i, j), image in zip(chunk, decoded):
-            images[i, j] = image
-        log(f"sampled {min(start + batch_size, len(jobs))}/{len(jobs)} images", )
-    for i, prompt in enumerate(prompts):
-        folder = out / f"{i:05d}"
-        (folder / "samples").mkdir(parents=True, exist_ok=True)
-        with open(folder / "metadata.jsonl", "w") as f:
-            f.write(json.dumps(prompt) + "\n")
-        for j in range(images_per_prompt):
-            Image.fromarray(images[i, j]).save(folder / "samples" / f"{j:04d}.png")
-        save_grid([images[i, j] for j in range(images_per_prompt)], folder / "grid.png")
-    with open(out / "sampling.json", "w") as f:
-        json.dump({"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": cfg_scale,
-                   "weights": weights, "seed": seed, "images_per_prompt": images_per_prompt,
-                   "train_seconds": ckpt["train_seconds"], "step": ckpt["step"],
-                   "images_seen": ckpt["images_seen"], "params": ckpt["params"]}, f, indent=1)
-    return ckpt
+    def load(self, ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["model_config"]["text_dim"] != self.tokens.shape[-1]:
+            raise data.DataError(f"{ckpt_path}: checkpoint expects text width {ckpt['model_config']['text_dim']}, "
+                                 f"the data's text encoder gives {self.tokens.shape[-1]}")
+        if ckpt["model_config"] != self.model_config:
+            self.model_config = ckpt["model_config"]
+            self.model = dit.DiT(dit.DiTConfig(**self.model_config)).to(self.device).eval()
+            self.forward = torch.compile(self.model) if self.compile else self.model
+        self.model.load_state_dict(ckpt[self.weights])
+        return ckpt
+
+    def images(self):
+        """{(prompt index, sample index): (H, W, 3) uint8 image} for every prompt."""
+        jobs = [(i, j) for i in range(len(self.prompts)) for j in range(self.images_per_prompt)]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(self.device).type == "cuda")
+        images = {}
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = jobs[start:start + self.batch_size]
+            padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk) if self.compile else 0)  # one shape
+            noise = torch.stack([image_noise(self.latent_shape, self.seed, i, j) for i, j in padded]).to(self.device)
+            idx = torch.tensor([i for i, _ in padded])
+            with autocast:
+                latents = sample_latents(self.forward, noise, self.tokens[idx].to(self.device),
+                                         self.pooled[idx].to(self.device), self.cfg_scale)
+            for (i, j), image in zip(chunk, self.autoencoder.decode(latents[:len(chunk)]).numpy()):
+                images[i, j] = image
+        return images
+
+    def run(self, ckpt_path, out):
+        """Sample one checkpoint into `out` in GenEval's layout; returns the checkpoint's metadata."""
+        ckpt = self.load(ckpt_path)
+        images = self.images()
+        out = Path(out)
+        for i, prompt in enumerate(self.prompts):
+            folder = out / f"{i:05d}"
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
+            with open(folder / "metadata.jsonl", "w") as f:
+                f.write(json.dumps(prompt) + "\n")
+            for j in range(self.images_per_prompt):
+                Image.fromarray(images[i, j]).save(folder / "samples" / f"{j:04d}.png")
+            save_grid([images[i, j] for j in range(self.images_per_prompt)], folder / "grid.png")
+        info = {k: ckpt[k] for k in ("train_seconds", "step", "images_seen", "params")}
+        with open(out / "sampling.json", "w") as f:
+            json.dump({"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": self.cfg_scale,
+                       "weights": self.weights, "seed": self.seed, "images_per_prompt": self.images_per_prompt,
+                       **info}, f, indent=1)
+        return info
 
 
 def checkpoints_of(run):
@@ -146,14 +159,15 @@ def add_sampling_args(p):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
 
 
-def sampling_setup(args, ckpt_path):
-    """The manifest, prompts, text encoder and device for sampling a run's checkpoints."""
+def sampler_from_args(args, ckpt_path):
+    """A Sampler for a run's checkpoints, from the command-line sampling options."""
     data_dir = args.data or load_checkpoint(ckpt_path)["data"]
     manifest = data.read_manifest(data_dir)
     prompts = data.read_metadata(args.prompts or Path(data_dir) / manifest["eval_metadata"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = data.text_encoder_from_manifest(manifest, device)
-    return manifest, select_prompts(prompts, args.per_tag), encoder, device
+    return Sampler(manifest, select_prompts(prompts, args.per_tag), encoder, device, args.images_per_prompt,
+                   args.cfg_scale, args.batch_size, args.seed, args.weights, args.compile)
 
 
 def main(argv=None):
@@ -163,11 +177,13 @@ def main(argv=None):
     add_sampling_args(p)
     args = p.parse_args(argv)
     ckpts = checkpoints_of(args.checkpoint)
-    manifest, prompts, encoder, device = sampling_setup(args, ckpts[0])
+    sampler = sampler_from_args(args, ckpts[0])
     for ckpt in ckpts:
-        out = Path(args.out) if args.out and len(ckpts) == 1 else ckpt.parent.parent / "samples" / ckpt.stem
-        sample_checkpoint(ckpt, out, prompts, manifest, encoder, args.images_per_prompt, args.cfg_scale,
-                          args.batch_size, args.seed, args.weights, device, args.compile)
+        if args.out:
+            out = Path(args.out) / (ckpt.stem if len(ckpts) > 1 else "")
+        else:
+            out = ckpt.parent.parent / "samples" / ckpt.stem
+        sampler.run(ckpt, out)
         print(f"{ckpt} -> {out}")
 
 
