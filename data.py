@@ -536,6 +536,20 @@ class Loader:
         self._thread.start()
 
     def _produce(self, position):
+        try:
+            self._fill(position)
+        except BaseException as e:  # hand the failure to the training loop instead of hanging it
+            self._put((e, None))
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def _fill(self, position):
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         per_rank = self.batch_size // self.world_size
         while not self._stop.is_set():
@@ -549,18 +563,15 @@ class Loader:
                     event = torch.cuda.Event()
                     event.record(stream)
             position += self.batch_size
-            while not self._stop.is_set():
-                try:
-                    self._queue.put((batch, event), timeout=0.1)
-                    break
-                except queue.Full:
-                    pass
+            self._put((batch, event))
 
     def __iter__(self):
         return self
 
     def __next__(self):
         batch, event = self._queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
         if event is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)

@@ -202,21 +202,21 @@ def read_sample_folder(folder):
     prompt_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()) if folder.is_dir() else []
     if not prompt_dirs:
         raise data.DataError(f"{folder}: no prompt folders (expected {folder}/00000/metadata.jsonl)")
-    expected = None
+    listed = {d: sorted((d / "samples").glob("*.png")) for d in prompt_dirs}
+    # Images per prompt: as the sampler recorded it, else the most any prompt folder holds.
+    info = folder / "sampling.json"
+    expected = (json.loads(info.read_text())["images_per_prompt"] if info.exists()
+                else max(max([int(p.stem) + 1 for p in images if p.stem.isdigit()] + [len(images)]) for images in listed.values()))
     entries = []
-    for d in prompt_dirs:
+    for d, images in listed.items():
         meta_path = d / "metadata.jsonl"
         if not meta_path.exists():
             raise data.DataError(f"{meta_path}: missing")
         metadata = data.read_metadata(meta_path)[0]
-        images = sorted((d / "samples").glob("*.png"))
         names = {p.name for p in images}
-        count = max([int(p.stem) for p in images] + [len(images) - 1]) + 1 if images else 0
-        expected = expected or count
-        missing = [f"{k:04d}.png" for k in range(max(expected, count)) if f"{k:04d}.png" not in names]
-        if missing or not images:
-            raise data.DataError(f"{d / 'samples' / (missing[0] if missing else '0000.png')}: missing image "
-                                 f"(expected {max(expected, count, 1)} per prompt)")
+        missing = [f"{k:04d}.png" for k in range(max(expected, 1)) if f"{k:04d}.png" not in names]
+        if missing:
+            raise data.DataError(f"{d / 'samples' / missing[0]}: missing image (expected {expected} per prompt)")
         entries.append((int(d.name), metadata, images))
     return entries
 

@@ -79,13 +79,16 @@ class TextEmbedder(nn.Module):
         self.pooled = nn.Sequential(nn.LayerNorm(cfg.pooled_dim), nn.Linear(cfg.pooled_dim, cfg.hidden))
         self.null_tokens = nn.Parameter(torch.randn(cfg.text_len, cfg.text_dim))
         self.null_pooled = nn.Parameter(torch.randn(cfg.pooled_dim))
+        # Caption positions, learned: joint attention is order-blind, and "a X left of a Y" needs order.
+        # Measured (H100, S/4, 90 s): overall 0.283 with, 0.225 without.
+        self.pos = nn.Parameter(torch.zeros(cfg.text_len, cfg.hidden))
 
     def forward(self, text_tokens, text_pooled, drop):
         """drop: (B,) bool, True where the caption is replaced by the null caption."""
         if drop is not None:
             text_tokens = torch.where(drop[:, None, None], self.null_tokens.to(text_tokens.dtype), text_tokens)
             text_pooled = torch.where(drop[:, None], self.null_pooled.to(text_pooled.dtype), text_pooled)
-        return self.tokens(text_tokens), self.pooled(text_pooled)
+        return self.tokens(text_tokens) + self.pos, self.pooled(text_pooled)
 
 
 class Attention(nn.Module):

@@ -25,7 +25,7 @@ from PIL import Image
 
 import data
 import model as dit
-from train_dit import load_checkpoint
+from train_dit import load_checkpoint, load_weights
 
 NFE = 100
 
@@ -82,7 +82,7 @@ class Sampler:
             self.model_config = ckpt["model_config"]
             self.model = dit.DiT(dit.DiTConfig(**self.model_config)).to(self.device).eval()
             self.forward = torch.compile(self.model) if self.compile else self.model
-        self.model.load_state_dict(ckpt[self.weights])
+        load_weights(self.model, ckpt[self.weights], ckpt_path)
         return ckpt
 
     def images(self):

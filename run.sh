@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The whole speedrun loop: data -> train on a training-clock budget -> sample and score every checkpoint -> curve.
+#
+#   ./run.sh                                   # GenEval-Shapes, on the GPU(s) if any, else on the CPU
+#   ./run.sh --preset shapes-gpu --budget 600 --out runs/mine
+#   ./run.sh --per-tag 10                      # score only the first 10 prompts of each tag
+#
+# Options: --track shapes (imagenet: see README), --preset NAME (train_dit.py PRESETS), --budget SECONDS
+# (training clock), --out DIR, --per-tag N (prompts per tag to score; default all on GPU, 5 on CPU).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+track=shapes preset="" budget="" out="" per_tag=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --track) track=$2; shift 2 ;;
+    --preset) preset=$2; shift 2 ;;
+    --budget) budget=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --per-tag) per_tag=$2; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "error: unknown option $1 (see ./run.sh --help)" >&2; exit 2 ;;
+  esac
+done
+if [ "$track" != shapes ]; then
+  echo "error: --track $track: only 'shapes' runs end to end from run.sh today (README, 'Tracks')" >&2; exit 2
+fi
+
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch, torchvision, open_clip, numpy, PIL, tqdm, matplotlib" 2>/dev/null; then
+  echo "== installing requirements"
+  $PY -m pip install -q -r requirements.txt
+fi
+
+gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ -z "$preset" ]; then preset=$([ "$gpus" -gt 0 ] && echo shapes-gpu || echo shapes-cpu); fi
+data_dir=$($PY -c "import train_dit; print(train_dit.PRESETS['$preset'].get('data', 'data/shapes'))")
+n_train=$([ "$preset" = shapes-cpu ] && echo 20000 || echo 100000)
+out=${out:-runs/$preset-$(date +%Y%m%d-%H%M%S)}
+if [ -z "$per_tag" ] && [ "$gpus" -eq 0 ]; then per_tag=5; fi
+
+if [ ! -f "$data_dir/manifest.json" ]; then
+  echo "== building GenEval-Shapes data in $data_dir"
+  $PY data.py shapes --out "$data_dir" --n-train "$n_train"
+fi
+
+echo "== training: preset $preset, out $out"
+args=(--preset "$preset" --data "$data_dir" --out "$out")
+if [ -n "$budget" ]; then args+=(--budget_seconds "$budget"); fi
+if [ "$gpus" -gt 0 ]; then
+  NCCL_NVLS_ENABLE=0 torchrun --standalone --nproc_per_node="$gpus" train_dit.py "${args[@]}"
+else
+  $PY train_dit.py "${args[@]}"
+fi
+
+echo "== sampling (100 NFE) and scoring every checkpoint"
+curve_args=("$out")
+if [ -n "$per_tag" ]; then curve_args+=(--per-tag "$per_tag"); fi
+if [ "$gpus" -gt 0 ]; then curve_args+=(--compile); fi
+$PY evaluate.py curve "${curve_args[@]}"
+
+echo
+echo "curve:   $out/curve.png  (table: $out/curve.csv)"
+echo "log:     $out/log.txt"
+echo "samples: $out/samples/<checkpoint>/"

@@ -1,0 +1,114 @@
+"""sample.py: GenEval's output layout, determinism, and exactly NFE = 100 evaluations per image."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+import sample
+from conftest import TRAIN_STEPS, run_cli
+
+IMAGES_PER_PROMPT = 2
+
+
+@pytest.fixture(scope="module")
+def checkpoint(trained_run):
+    return trained_run / "checkpoints" / f"ckpt_{TRAIN_STEPS:07d}.pt"
+
+
+@pytest.fixture(scope="module")
+def prompts_file(shapes_data, tmp_path_factory):
+    """Three eval prompts of different tags."""
+    prompts = data.read_metadata(shapes_data / "eval_metadata.jsonl")
+    path = tmp_path_factory.mktemp("prompts") / "three.jsonl"
+    data.write_metadata(path, [prompts[0], prompts[400], prompts[500]])
+    return path
+
+
+def run_sampler(checkpoint, prompts_file, out, seed=0):
+    result = run_cli("sample.py", checkpoint, "--out", out, "--prompts", prompts_file,
+                     "--images-per-prompt", IMAGES_PER_PROMPT, "--seed", seed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(checkpoint, prompts_file, tmp_path_factory):
+    return run_sampler(checkpoint, prompts_file, tmp_path_factory.mktemp("samples") / "s0")
+
+
+def test_sampler_writes_geneval_layout(samples, prompts_file):
+    prompts = data.read_metadata(prompts_file)
+    assert sorted(p.name for p in samples.iterdir() if p.is_dir()) == ["00000", "00001", "00002"]
+    for i, prompt in enumerate(prompts):
+        folder = samples / f"{i:05d}"
+        assert data.read_metadata(folder / "metadata.jsonl") == [prompt]
+        names = sorted(p.name for p in (folder / "samples").iterdir())
+        assert names == [f"{j:04d}.png" for j in range(IMAGES_PER_PROMPT)]
+        images = [np.asarray(Image.open(folder / "samples" / n)) for n in names]
+        assert all(im.shape == (data.IMAGE_SIZE, data.IMAGE_SIZE, 3) and im.dtype == np.uint8 for im in images)
+        grid = np.asarray(Image.open(folder / "grid.png"))
+        np.testing.assert_array_equal(grid, np.concatenate(images, axis=1))  # two columns, one row
+    info = json.loads((samples / "sampling.json").read_text())
+    assert info["nfe"] == sample.NFE == 100
+    assert info["step"] == TRAIN_STEPS
+    assert len(evaluate.read_sample_folder(samples)) == 3  # the scorer reads it back
+
+
+def test_sampler_is_deterministic(samples, checkpoint, prompts_file, tmp_path):
+    again = run_sampler(checkpoint, prompts_file, tmp_path / "again")
+    pngs = sorted(p.relative_to(samples) for p in samples.rglob("*.png"))
+    assert len(pngs) == 3 * (IMAGES_PER_PROMPT + 1)
+    assert pngs == sorted(p.relative_to(again) for p in again.rglob("*.png"))
+    for rel in pngs:
+        assert (samples / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
+class CountingForward:
+    """Wraps the real model's forward, recording each evaluation's batch, times and caption drops."""
+
+    def __init__(self, forward):
+        self.forward, self.calls = forward, []
+
+    def __call__(self, x, t, tokens, pooled, drop):
+        self.calls.append((len(x), t.clone(), drop.clone()))
+        return self.forward(x, t, tokens, pooled, drop)
+
+
+def make_sampler(shapes_data, prompts, **kwargs):
+    manifest = data.read_manifest(shapes_data)
+    return sample.Sampler(manifest, prompts, data.text_encoder_from_manifest(manifest), "cpu", **kwargs)
+
+
+def test_sampler_takes_exactly_nfe_evaluations_per_image(shapes_data, checkpoint):
+    prompts = data.read_metadata(shapes_data / "eval_metadata.jsonl")[:1]
+    sampler = make_sampler(shapes_data, prompts, images_per_prompt=3, batch_size=2)  # chunks of 2 and 1
+    sampler.load(checkpoint)
+    sampler.forward = counter = CountingForward(sampler.forward)
+    images = sampler.images()
+    assert sorted(images) == [(0, 0), (0, 1), (0, 2)]
+    sizes = [size for size, _, _ in counter.calls]
+    # Conditional and unconditional branches share one evaluation: 2 rows per image.
+    assert sizes == [4] * sample.NFE + [2] * sample.NFE
+    assert sum(sizes) == 2 * sample.NFE * len(images)
+    for size, t, drop in counter.calls:
+        assert drop.tolist() == [False] * (size // 2) + [True] * (size // 2)
+    times = [float(t[0]) for _, t, _ in counter.calls[:sample.NFE]]
+    np.testing.assert_allclose(times, np.linspace(1, 0, sample.NFE + 1)[:-1], atol=1e-6)
+
+
+def test_sampler_noise_depends_on_seed_prompt_and_index(shapes_data, checkpoint):
+    shape = (3, data.IMAGE_SIZE, data.IMAGE_SIZE)
+    assert torch.equal(sample.image_noise(shape, 0, 1, 2), sample.image_noise(shape, 0, 1, 2))
+    for other in [(1, 1, 2), (0, 2, 2), (0, 1, 3)]:
+        assert not torch.equal(sample.image_noise(shape, 0, 1, 2), sample.image_noise(shape, *other))
+    prompts = data.read_metadata(shapes_data / "eval_metadata.jsonl")[:1]
+    by_seed = []
+    for seed in (0, 1):
+        sampler = make_sampler(shapes_data, prompts, images_per_prompt=1, seed=seed)
+        sampler.load(checkpoint)
+        by_seed.append(sampler.images()[0, 0])
+    assert not np.array_equal(*by_seed)
