@@ -16,6 +16,7 @@ template best matches the component; its confidence is that match (IoU) times co
 """
 import argparse
 import csv
+import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -221,18 +222,24 @@ def read_sample_folder(folder):
     return entries
 
 
-def score_folder(folder, backend="shapes", th=Thresholds()):
-    """Score every image; write results.jsonl (one row per image) and scores.json; return the scores."""
+def score_images(images, backend="shapes", th=Thresholds()):
+    """One results row per (metadata, filename, (H, W, 3) uint8 image), as GenEval's results.jsonl."""
     detector, classify_colors = BACKENDS[backend]()
     rows = []
-    for index, metadata, images in read_sample_folder(folder):
-        for path in images:
-            image = np.asarray(Image.open(path).convert("RGB"))
-            detected = keep_detections(detector(image), metadata["tag"], th)
-            correct, reason = judge(detected, metadata, lambda cls, dets: classify_colors(image, cls, dets), th)
-            rows.append({"filename": str(path), "tag": metadata["tag"], "prompt": metadata["prompt"],
-                         "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
-                         "details": json.dumps({c: [list(d.box) for d in ds] for c, ds in detected.items()})})
+    for metadata, filename, image in images:
+        detected = keep_detections(detector(image), metadata["tag"], th)
+        correct, reason = judge(detected, metadata, lambda cls, dets: classify_colors(image, cls, dets), th)
+        rows.append({"filename": filename, "tag": metadata["tag"], "prompt": metadata["prompt"],
+                     "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
+                     "details": json.dumps({c: [list(d.box) for d in ds] for c, ds in detected.items()})})
+    return rows
+
+
+def score_folder(folder, backend="shapes", th=Thresholds()):
+    """Score every image; write results.jsonl (one row per image) and scores.json; return the scores."""
+    images = ((metadata, str(path), np.asarray(Image.open(path).convert("RGB")))
+              for _, metadata, paths in read_sample_folder(folder) for path in paths)
+    rows = score_images(images, backend, th)
     with open(Path(folder) / "results.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -260,7 +267,7 @@ def write_curve(run, points, metric="overall"):
     plot_curves({run.name: points}, run / "curve.png", metric)
 
 
-def plot_curves(runs, path, metric="overall"):
+def plot_curves(runs, path, metric="overall", target=None):
     """One PNG of `metric` against training seconds, one line per run (several runs on one figure)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -268,6 +275,8 @@ def plot_curves(runs, path, metric="overall"):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, points in runs.items():
         ax.plot([p["train_seconds"] for p in points], [p[metric] for p in points], marker="o", label=name)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", label=f"target {target}")
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel(f"GenEval-Shapes {metric}" if metric in CURVE_FIELDS else metric)
     ax.set_ylim(0, 1)
@@ -287,7 +296,7 @@ def curve(args):
         out = Path(args.run) / "samples" / ckpt_path.stem
         info = sampler.run(ckpt_path, out)
         scores = score_folder(out, args.backend)
-        points.append({**info, **scores})
+        points.append({**info, **scores, "samples": str(out)})
         print(f"{ckpt_path.name}: {info['train_seconds']:.1f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         write_curve(args.run, points)
     print(f"curve: {Path(args.run) / 'curve.png'}  table: {Path(args.run) / 'curve.csv'}")
@@ -308,6 +317,185 @@ def truth(args):
     print(f"wrote ground-truth renders to {args.out}")
 
 
+# -----------------------------------------------------------------------------
+# Records: pack n runs into a record folder, and check one (README.md, "Records")
+
+TARGETS = {"shapes": 0.90}  # overall score a record must reach
+MAX_CHECKPOINT_GAP = {"shapes": 5.0, "imagenet": 600.0}  # training seconds between checkpoints, at most
+MIN_RUNS, MAX_P = 5, 0.01
+LOG_SECTIONS = ("train_dit.py", "model.py", "data.py", "environment", "hyperparameters")
+
+
+def log_sections(text):
+    """{section name: body} of a train_dit.py log, split on its `==================== name` headers."""
+    parts = text.split("==================== ")[1:]
+    return {p.split("\n", 1)[0].strip(): p.split("\n", 1)[1] if "\n" in p else "" for p in parts}
+
+
+def time_to_target(points, target):
+    """Training seconds of the first checkpoint whose overall score reaches the target (None: never)."""
+    return next((p["train_seconds"] for p in points if p["overall"] >= target), None)
+
+
+def p_value_above(scores, target):
+    """One-sided one-sample t-test, H1: the mean score is above the target."""
+    scores = np.asarray(scores, np.float64)
+    if scores.std() == 0:  # the t statistic is undefined; the evidence is all-or-nothing
+        return 0.0 if scores[0] > target else 1.0
+    from scipy import stats
+    return float(stats.ttest_1samp(scores, target, alternative="greater").pvalue)
+
+
+def record_statistics(curves, target):
+    """Time-to-target per run, and the claim: the earliest checkpoint mark whose scores beat the target at p < MAX_P."""
+    ttt = [time_to_target(points, target) for points in curves]
+    reached = [t for t in ttt if t is not None]
+    stats = {"target": target, "n": len(curves), "time_to_target": ttt,
+             "time_to_target_mean": float(np.mean(reached)) if reached else None,
+             "time_to_target_std": float(np.std(reached, ddof=1)) if len(reached) > 1 else None,
+             "claimed_checkpoint": None, "claimed_seconds": None, "scores_at_claim": None, "p_value": None}
+    for k in range(min(len(points) for points in curves)):
+        scores = [points[k]["overall"] for points in curves]
+        p = p_value_above(scores, target)
+        if p < MAX_P:
+            stats.update(claimed_checkpoint=k, scores_at_claim=scores, p_value=p,
+                         claimed_seconds=float(np.mean([points[k]["train_seconds"] for points in curves])))
+            break
+    return stats
+
+
+def pack_samples(folder, path):
+    """All images of a GenEval-layout folder in one compact file: (prompts, images, H, W, 3) uint8 + prompts."""
+    entries = read_sample_folder(folder)
+    images = np.stack([np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]) for _, _, paths in entries])
+    np.savez_compressed(path, images=images, prompts=np.array(json.dumps([m for _, m, _ in entries])))
+
+
+def score_packed_samples(path, backend="shapes"):
+    packed = np.load(path)
+    prompts = json.loads(str(packed["prompts"]))
+    return summarize(score_images(((m, f"{i:05d}/{j:04d}", image) for i, m in enumerate(prompts)
+                                   for j, image in enumerate(packed["images"][i])), backend))
+
+
+def build_record(runs, out, name, track="shapes", target=None):
+    """Copy n runs' logs and curves into `out`, pack the claimed checkpoint's samples, write record.json."""
+    target = TARGETS[track] if target is None else target
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = [json.loads((Path(r) / "curve.json").read_text()) for r in runs]
+    stats = record_statistics(curves, target)
+    if stats["claimed_checkpoint"] is None:
+        raise data.DataError(f"{runs[0]}: no checkpoint mark beats target {target} at p < {MAX_P} over {len(runs)} runs")
+    k = stats["claimed_checkpoint"]
+    names = [f"run{i + 1}" for i in range(len(runs))]
+    logs = [(Path(r) / "log.txt").read_text() for r in runs]
+    for run, run_name, log_text, points in zip(runs, names, logs, curves):
+        (out / run_name).mkdir(exist_ok=True)
+        (out / run_name / "log.txt").write_text(log_text)
+        (out / run_name / "curve.json").write_text(json.dumps(points, indent=1))
+        samples = Path(run) / "samples" / Path(points[k]["checkpoint"]).stem
+        if track == "shapes":
+            pack_samples(samples, out / run_name / "samples.npz")
+        else:  # the full set is large: a grid here, and a checksum of every image
+            entries = read_sample_folder(samples)
+            digest = hashlib.sha256(b"".join(p.read_bytes() for _, _, paths in entries for p in paths))
+            (out / run_name / "samples.sha256").write_text(digest.hexdigest() + "\n")
+        if run_name == "run1":
+            first = [np.asarray(Image.open(paths[0]).convert("RGB")) for _, _, paths in read_sample_folder(samples)]
+            import sample
+            sample.save_grid(first[::max(1, len(first) // 48)][:48], out / "grid.png", columns=8)
+    plot_curves(dict(zip(names, curves)), out / "curve.png", target=target)
+    params = curves[0][0]["params"]
+    hardware = next((line.split("  ")[0][5:] for line in logs[0].splitlines() if line.startswith("gpu: ")), "cpu")
+    record = {"track": track, "name": name, "runs": names, "params": params, "hardware": hardware, **stats}
+    (out / "record.json").write_text(json.dumps(record, indent=1))
+    if not (out / "README.md").exists():
+        (out / "README.md").write_text(
+            f"# {name}\n\nWhat changed and why: (describe)\n\n"
+            f"- time to target {target}: {stats['claimed_seconds']:.1f} s of training clock "
+            f"(checkpoint mark {k}; one-sided t-test over {len(runs)} runs, p = {stats['p_value']:.2g})\n"
+            f"- first checkpoint at target per run: mean {stats['time_to_target_mean']:.1f} s "
+            f"+- {stats['time_to_target_std'] or 0:.1f} s\n"
+            f"- parameters: {params:,}\n- hardware: {hardware}\n- evaluation samples: run*/samples.*\n\n"
+            f"![curve](curve.png)\n")
+    return record
+
+
+def check_record(folder):
+    """Every reason the record at `folder` is malformed or inconsistent (empty: it holds)."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / "record.json").read_text())
+        track, runs = record["track"], record["runs"]
+        target = record["target"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{folder / 'record.json'}: unreadable or incomplete ({type(e).__name__}: {e})"]
+    problems = []
+    if target != TARGETS.get(track, target):
+        problems.append(f"record.json: target {target} is not the {track} target {TARGETS[track]}")
+    if len(runs) < MIN_RUNS:
+        problems.append(f"record.json: {len(runs)} runs; a record needs at least {MIN_RUNS}")
+    curves, code, hashes = [], set(), set()
+    for run in runs:
+        log_path, curve_path = folder / run / "log.txt", folder / run / "curve.json"
+        try:
+            sections = log_sections(log_path.read_text())
+            points = json.loads(curve_path.read_text())
+        except (OSError, ValueError) as e:
+            problems.append(f"{folder / run}: unreadable log or curve ({type(e).__name__}: {e})")
+            continue
+        for section in LOG_SECTIONS:
+            if not sections.get(section, "").strip():
+                problems.append(f"{log_path}: no '{section}' section (the log must embed the code and environment)")
+        code.add(tuple(sections.get(f, "") for f in ("train_dit.py", "model.py", "data.py")))
+        found = [w.split("=", 1)[1] for w in log_path.read_text().split() if w.startswith("data_order_hash=")]
+        if not found:
+            problems.append(f"{log_path}: no data_order_hash")
+        hashes.update(found)
+        for i, p in enumerate(points):
+            if p.get("nfe") != 100:
+                problems.append(f"{curve_path}: checkpoint {i} sampled with nfe {p.get('nfe')}, not 100")
+        seconds = [0.0] + [p["train_seconds"] for p in points]
+        gap = max(b - a for a, b in zip(seconds, seconds[1:])) if points else float("inf")
+        if gap > MAX_CHECKPOINT_GAP.get(track, float("inf")) or any(b <= a for a, b in zip(seconds, seconds[1:])):
+            problems.append(f"{curve_path}: checkpoints must be increasing and at most "
+                            f"{MAX_CHECKPOINT_GAP.get(track)} s apart (largest gap {gap:.1f} s)")
+        curves.append(points)
+    if len(code) > 1:
+        problems.append(f"{folder}: the runs' logs embed different code")
+    if len(hashes) > 1:
+        problems.append(f"{folder}: the runs' logs give different data order hashes {sorted(hashes)}")
+    if problems or not curves:
+        return problems
+    stats = record_statistics(curves, target)
+    for key in ("time_to_target", "time_to_target_mean", "time_to_target_std", "claimed_checkpoint",
+                "claimed_seconds", "scores_at_claim", "p_value"):
+        if not np.allclose(np.array(stats[key], dtype=float), np.array(record.get(key), dtype=float), atol=1e-6,
+                           equal_nan=True):
+            problems.append(f"record.json: {key} is {record.get(key)!r}, the curves give {stats[key]!r}")
+    if stats["p_value"] is None or stats["p_value"] >= MAX_P:
+        problems.append(f"{folder}: no checkpoint mark beats {target} at p < {MAX_P}")
+        return problems
+    k = stats["claimed_checkpoint"]
+    for run, points in zip(runs, curves):
+        if track == "shapes":
+            try:
+                rescored = score_packed_samples(folder / run / "samples.npz")["overall"]
+            except (OSError, ValueError, KeyError) as e:
+                problems.append(f"{folder / run / 'samples.npz'}: unreadable ({type(e).__name__}: {e})")
+                continue
+            if abs(rescored - points[k]["overall"]) > 1e-9:
+                problems.append(f"{folder / run / 'samples.npz'}: rescored overall {rescored:.4f}, "
+                                f"curve.json says {points[k]['overall']:.4f}")
+        elif not (folder / run / "samples.sha256").exists():
+            problems.append(f"{folder / run}: no samples.sha256")
+    for name in ("README.md", "curve.png", "grid.png"):
+        if not (folder / name).exists():
+            problems.append(f"{folder / name}: missing")
+    return problems
+
+
 def main(argv=None):
     import sample
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,6 +507,13 @@ def main(argv=None):
     c.add_argument("run")
     c.add_argument("--backend", choices=sorted(BACKENDS), default="shapes")
     sample.add_sampling_args(c)
+    r = sub.add_parser("record", help="pack n runs (each with curve.json) into a record folder")
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--name", required=True)
+    r.add_argument("--track", choices=sorted(MAX_CHECKPOINT_GAP), default="shapes")
+    r.add_argument("--out", default=None, help="default: records/<track>/<date>_<name>")
+    k = sub.add_parser("check-record", help="validate a record folder")
+    k.add_argument("folder")
     t = sub.add_parser("truth", help="ground-truth renders of a Shapes data set's evaluation prompts")
     t.add_argument("data")
     t.add_argument("--out", required=True)
@@ -329,6 +524,17 @@ def main(argv=None):
         print("  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     elif args.command == "curve":
         curve(args)
+    elif args.command == "record":
+        import datetime
+        out = args.out or f"records/{args.track}/{datetime.date.today():%Y-%m-%d}_{args.name}"
+        record = build_record(args.runs, out, args.name, args.track)
+        print(f"record: {out}  {record['claimed_seconds']:.1f} s to {record['target']} "
+              f"(p = {record['p_value']:.2g}, n = {record['n']})")
+    elif args.command == "check-record":
+        problems = check_record(args.folder)
+        if problems:
+            sys.exit(f"error: {args.folder}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+        print(f"record OK: {args.folder}")
     elif args.command == "truth":
         truth(args)
 

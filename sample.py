@@ -115,11 +115,11 @@ class Sampler:
             for j in range(self.images_per_prompt):
                 Image.fromarray(images[i, j]).save(folder / "samples" / f"{j:04d}.png")
             save_grid([images[i, j] for j in range(self.images_per_prompt)], folder / "grid.png")
-        info = {k: ckpt[k] for k in ("train_seconds", "step", "images_seen", "params")}
+        info = {"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": self.cfg_scale,
+                "weights": self.weights, "seed": self.seed, "images_per_prompt": self.images_per_prompt,
+                **{k: ckpt[k] for k in ("train_seconds", "step", "images_seen", "params")}}
         with open(out / "sampling.json", "w") as f:
-            json.dump({"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": self.cfg_scale,
-                       "weights": self.weights, "seed": self.seed, "images_per_prompt": self.images_per_prompt,
-                       **info}, f, indent=1)
+            json.dump(info, f, indent=1)
         return info
 
 

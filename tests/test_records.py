@@ -1,0 +1,137 @@
+"""Records: packing n runs into a record folder, and the validator that recomputes and rejects.
+
+The runs are assembled from real parts: the tiny training run's log (code, environment, data order
+hash), and sample folders of ground-truth renders with a few images replaced by noise, scored by
+the real detector into each run's curve.json.
+"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluate
+from conftest import run_cli
+
+PROMPT_DIRS = [f"{i:05d}" for t in range(6) for i in range(t * 20, t * 20 + 2)]  # 2 prompts of each tag
+NOISE_AT_CLAIM = [0, 1, 0, 1, 2]  # noise images per run at the last checkpoint: scores 1 - k/48
+
+
+def make_samples(truth, out, noisy, seed):
+    """A GenEval-layout folder of 12 truth prompts, the first `noisy` images (in order) replaced by noise."""
+    rng = np.random.default_rng(seed)
+    for new, old in enumerate(PROMPT_DIRS):
+        shutil.copytree(truth / old, out / f"{new:05d}")
+    images = sorted(out.glob("*/samples/*.png"))
+    for path in images[:: max(1, len(images) // max(noisy, 1))][:noisy]:
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def five_runs(trained_run, truth_renders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("record_runs")
+    params = int(next(line.split()[1].replace(",", "") for line in (trained_run / "log.txt").read_text().splitlines()
+                      if line.startswith("params:")))
+    runs = []
+    for r, noisy_at_claim in enumerate(NOISE_AT_CLAIM):
+        run = root / f"r{r}"
+        run.mkdir()
+        shutil.copy(trained_run / "log.txt", run / "log.txt")
+        points = []
+        for k, noisy in enumerate([48, 24, noisy_at_claim]):
+            ckpt = f"ckpt_{k:07d}"
+            make_samples(truth_renders, run / "samples" / ckpt, noisy, seed=10 * r + k)
+            scores = evaluate.score_folder(run / "samples" / ckpt)
+            points.append({"checkpoint": f"{run}/checkpoints/{ckpt}.pt", "nfe": 100, "params": params,
+                           "train_seconds": 4.0 * (k + 1) + 0.01 * r, "step": 10 * (k + 1),
+                           "images_seen": 80 * (k + 1), **scores})
+        (run / "curve.json").write_text(json.dumps(points))
+        runs.append(run)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def record(five_runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("records") / "2026-11-23_Test"
+    evaluate.build_record([str(r) for r in five_runs], out, "Test")
+    return out
+
+
+def test_record_holds_runs_samples_and_recomputable_statistics(record):
+    rec = json.loads((record / "record.json").read_text())
+    assert rec["n"] == 5 and rec["claimed_checkpoint"] == 2
+    assert rec["scores_at_claim"] == pytest.approx([1 - k / 48 for k in NOISE_AT_CLAIM])
+    assert rec["claimed_seconds"] == pytest.approx(12.02)
+    assert rec["p_value"] < 0.01
+    for run in rec["runs"]:
+        packed = np.load(record / run / "samples.npz")
+        assert packed["images"].shape == (12, 4, 64, 64, 3)
+    for name in ("README.md", "curve.png", "grid.png"):
+        assert (record / name).exists()
+    assert evaluate.check_record(record) == []
+    result = run_cli("evaluate.py", "check-record", record)
+    assert result.returncode == 0 and "record OK" in result.stdout
+
+
+def corrupt_copy(record, tmp_path, edit):
+    copy = shutil.copytree(record, tmp_path / "bad")
+    edit(copy)
+    return copy
+
+
+def drop_model_code(rec):
+    log = rec / "run2" / "log.txt"
+    text = log.read_text()
+    start = text.index("==================== model.py")
+    log.write_text(text[:start] + text[text.index("==================== data.py"):])
+
+
+def edit_time(rec):
+    path = rec / "run3" / "curve.json"
+    points = json.loads(path.read_text())
+    points[2]["train_seconds"] -= 3.0
+    path.write_text(json.dumps(points))
+
+
+def set_nfe(rec):
+    path = rec / "run1" / "curve.json"
+    points = json.loads(path.read_text())
+    points[1]["nfe"] = 50
+    path.write_text(json.dumps(points))
+
+
+def noise_samples(rec):
+    path = rec / "run4" / "samples.npz"
+    packed = dict(np.load(path))
+    packed["images"][:6] = np.random.default_rng(0).integers(0, 256, packed["images"][:6].shape, dtype=np.uint8)
+    np.savez_compressed(path, **packed)
+
+
+@pytest.mark.parametrize("edit,reason", [(drop_model_code, "no 'model.py' section"),
+                                         (edit_time, "the curves give"),
+                                         (set_nfe, "nfe 50, not 100"),
+                                         (noise_samples, "rescored overall")],
+                         ids=["missing-code", "edited-time", "nfe-50", "swapped-samples"])
+def test_validator_rejects_a_corrupted_record_with_its_reason(record, tmp_path, edit, reason):
+    bad = corrupt_copy(record, tmp_path, edit)
+    problems = evaluate.check_record(bad)
+    assert any(reason in p for p in problems), problems
+    result = run_cli("evaluate.py", "check-record", bad)
+    assert result.returncode != 0 and reason in result.stderr and "Traceback" not in result.stderr
+
+
+def test_validator_rejects_too_few_runs(record, tmp_path):
+    def four_runs(rec):
+        meta = json.loads((rec / "record.json").read_text())
+        meta["runs"] = meta["runs"][:4]
+        (rec / "record.json").write_text(json.dumps(meta))
+    assert any("at least 5" in p for p in evaluate.check_record(corrupt_copy(record, tmp_path, four_runs)))
+
+
+def test_one_sided_p_value_follows_the_t_distribution():
+    # t = (mean - target) / (s / sqrt(n)) = 0.05 / (0.01414 / sqrt 5) = 7.906 on 4 dof; t tables: p = 0.00070
+    scores = [0.93, 0.95, 0.95, 0.95, 0.97]
+    assert evaluate.p_value_above(scores, 0.90) == pytest.approx(0.00070, abs=1e-5)
+    assert evaluate.p_value_above(scores, 0.99) > 0.99
+    assert evaluate.p_value_above([0.95] * 5, 0.90) == 0.0
