@@ -2,7 +2,8 @@
 
 Both tracks write the same shard format and are read by the same loader:
 
-  DIR/manifest.json            format name + version, track, seed, shapes, dtypes, counts, sha256s
+  DIR/manifest.json            format name + version, track, seed, shapes, dtypes, counts, sizes and
+                               sha256s (of each whole file, and of 9 fixed 64 KiB windows of it)
   DIR/shard_NNNNN.latents.npy  (n, C, H, W) latents (Shapes: uint8 pixels, identity autoencoder)
   DIR/shard_NNNNN.captions.npy (n,) int32 index into the caption table
   DIR/captions.json            the unique captions, in table order
@@ -10,7 +11,9 @@ Both tracks write the same shard format and are read by the same loader:
   DIR/text_pooled.npy          (n_captions, P) float16 pooled (projected) text embedding
   DIR/eval_metadata.jsonl      the track's GenEval-format evaluation prompts
 
-Run `python data.py shapes --out data/shapes` to build the GenEval-Shapes track.
+Run `python data.py shapes --out data/shapes` to build the GenEval-Shapes track, and
+`python data.py verify DIR [--full]` to check one: every file's size and the sha256 of its sampled
+windows (fast: what every training run checks at start), or of every byte (--full).
 """
 import argparse
 import hashlib
@@ -232,17 +235,26 @@ def shapes_truth_image(seed, prompt_index, sample_index, prompt):
 def read_metadata(path):
     """Parse a GenEval metadata jsonl file; a malformed line raises DataError naming line and field."""
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            validate_prompt(row, where)
-            rows.append(row)
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    for number, raw in enumerate(lines, 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+        validate_prompt(row, where)
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no prompts")
     return rows
@@ -256,6 +268,8 @@ def validate_prompt(row, where):
             raise DataError(f"{where}: field '{field}' missing")
         if not isinstance(row[field], kind):
             raise DataError(f"{where}: field '{field}' must be a {kind.__name__}")
+    if not isinstance(row.get("exclude", []), list):
+        raise DataError(f"{where}: field 'exclude' must be a list")
     for key in ("include", "exclude"):
         for k, clause in enumerate(row.get(key, [])):
             if not isinstance(clause, dict) or not isinstance(clause.get("class"), str):
@@ -341,9 +355,24 @@ def _sha256(path, chunk=1 << 22):
     return h.hexdigest()
 
 
+SAMPLED_WINDOWS, WINDOW_BYTES = 9, 1 << 16
+
+
+def _sampled_sha256(path):
+    """sha256 of 9 fixed 64 KiB windows spread evenly from the first byte to the last (the fast check)."""
+    size = Path(path).stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for k in range(SAMPLED_WINDOWS):
+            f.seek(max(size - WINDOW_BYTES, 0) * k // (SAMPLED_WINDOWS - 1))
+            h.update(f.read(WINDOW_BYTES))
+    return h.hexdigest()
+
+
 def _file_entry(root, name):
     path = Path(root) / name
-    return {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path),
+            "sampled_sha256": _sampled_sha256(path)}
 
 
 def write_shard(root, index, latents, caption_ids):
@@ -378,31 +407,84 @@ def write_manifest(root, manifest):
 
 
 def read_manifest(root):
+    """The manifest of a shard directory, checked for its format version and the fields the loader reads."""
     path = Path(root) / "manifest.json"
     if not path.exists():
         raise DataError(f"{path}: missing (build the data first, e.g. `python data.py shapes --out {root}`)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: field 'format' is {manifest.get('format')!r}, expected {FORMAT!r}")
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{path}: field 'format' is {found!r}, expected {FORMAT!r}")
     if manifest.get("version") != FORMAT_VERSION:
         raise DataError(f"{path}: format version {manifest.get('version')!r}; this code reads version {FORMAT_VERSION}")
+    check_manifest_fields(manifest, path)
     return manifest
 
 
-def verify_files(root, manifest):
-    """Check every file's size and sha256 against the manifest; raise DataError on the first mismatch."""
+JSON_KINDS = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+
+
+def _field(obj, name, kind, path, where=""):
+    """obj[name] if it is a `kind` (a bool is no integer here), else a DataError naming the field."""
+    value = obj.get(name) if isinstance(obj, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DataError(f"{path}: field '{where}{name}' missing or not {JSON_KINDS[kind]}")
+    return value
+
+
+def check_manifest_fields(manifest, path):
+    """The fields the loader and verify read, with their types: a hand-edited manifest fails by field name."""
+    def file_entry(entry, where):
+        for name, kind in (("file", str), ("bytes", int), ("sha256", str)):
+            _field(entry, name, kind, path, where)
+
+    _field(manifest, "track", str, path)
+    for k, shard in enumerate(_field(manifest, "shards", list, path)):
+        if _field(shard, "count", int, path, f"shards[{k}].") < 0:
+            raise DataError(f"{path}: field 'shards[{k}].count' is negative")
+        for part in ("latents", "captions"):
+            file_entry(_field(shard, part, dict, path, f"shards[{k}]."), f"shards[{k}].{part}.")
+    text = _field(manifest, "text", dict, path)
+    for name in ("seq_len", "width", "pooled_width"):
+        _field(text, name, int, path, "text.")
+    for k, entry in enumerate(_field(text, "files", list, path, "text.")):
+        file_entry(entry, f"text.files[{k}].")
+    latent = _field(manifest, "latent", dict, path)
+    shape = _field(latent, "shape", list, path, "latent.")
+    if len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise DataError(f"{path}: field 'latent.shape' must be three positive integers (C, H, W)")
+    for name in ("mean", "std"):
+        values = _field(latent, name, list, path, "latent.")
+        if len(values) != shape[0] or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise DataError(f"{path}: field 'latent.{name}' must be {shape[0]} numbers, one per channel")
+    _field(latent, "autoencoder", str, path, "latent.")
+
+
+def verify_files(root, manifest, full=True):
+    """Check every file against the manifest; raise DataError naming the first one that does not match.
+
+    full=True hashes every byte. full=False, the check at every start of training, compares each size
+    and the sha256 of 9 fixed 64 KiB windows from the first byte to the last: it catches truncated,
+    replaced, swapped and zero-filled files in milliseconds, but not a flipped byte between windows
+    (`python data.py verify DIR --full` or train_dit.py --verify_full true catches those).
+    """
     entries = [f for s in manifest["shards"] for f in (s["latents"], s["captions"])] + manifest["text"]["files"]
     for entry in entries:
         path = Path(root) / entry["file"]
-        if not path.exists():
+        if not path.is_file():
             raise DataError(f"{path}: missing (listed in {Path(root) / 'manifest.json'})")
         if path.stat().st_size != entry["bytes"]:
             raise DataError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
-        if _sha256(path) != entry["sha256"]:
-            raise DataError(f"{path}: sha256 mismatch with the manifest (corrupt shard)")
+        if full or "sampled_sha256" not in entry:  # manifests from before sampled hashes: hash it all
+            if _sha256(path) != entry["sha256"]:
+                raise DataError(f"{path}: sha256 mismatch with the manifest (corrupt shard)")
+        elif _sampled_sha256(path) != entry["sampled_sha256"]:
+            raise DataError(f"{path}: sha256 of its sampled windows does not match the manifest (corrupt shard)")
 
 
 def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, text_model="ViT-B-32",
@@ -461,23 +543,42 @@ def autoencoder_from_manifest(manifest):
 # Dataset and loader
 
 class ShardDataset:
-    """Memory-mapped view of a shard directory, checked against its manifest on open."""
+    """Memory-mapped view of a shard directory, checked against its manifest on open.
 
-    def __init__(self, root, verify=True):
+    verify: "fast" (sizes and sampled sha256 windows), "full" (every byte) or None; see verify_files.
+    """
+
+    def __init__(self, root, verify="fast"):
         self.root = Path(root)
         self.manifest = read_manifest(root)
         if verify:
-            verify_files(root, self.manifest)
-        shards = self.manifest["shards"]
-        self.latents = [np.load(self.root / s["latents"]["file"], mmap_mode="r") for s in shards]
-        self.caption_ids = np.concatenate([np.load(self.root / s["captions"]["file"]) for s in shards])
-        self.starts = np.cumsum([0] + [s["count"] for s in shards])
-        self.text_tokens = np.load(self.root / "text_tokens.npy", mmap_mode="r")
-        self.text_pooled = np.load(self.root / "text_pooled.npy", mmap_mode="r")
-        latent = self.manifest["latent"]
+            verify_files(root, self.manifest, full=verify == "full")
+        shards, text, latent = self.manifest["shards"], self.manifest["text"], self.manifest["latent"]
+        if not sum(s["count"] for s in shards):
+            raise DataError(f"{self.root / 'manifest.json'}: field 'shards' lists no samples")
         self.latent_shape = tuple(latent["shape"])
+        # Every array's shape is checked against the manifest here, not met as an IndexError mid-run.
+        self.text_tokens = self._array("text_tokens.npy", "r", (None, text["seq_len"], text["width"]))
+        self.text_pooled = self._array("text_pooled.npy", "r", (len(self.text_tokens), text["pooled_width"]))
+        self.latents = [self._array(s["latents"]["file"], "r", (s["count"], *self.latent_shape)) for s in shards]
+        self.caption_ids = np.concatenate([self._array(s["captions"]["file"], None, (s["count"],)) for s in shards])
+        if not np.all((self.caption_ids >= 0) & (self.caption_ids < len(self.text_tokens))):
+            raise DataError(f"{self.root}: caption indices outside the {len(self.text_tokens)}-caption table")
+        self.starts = np.cumsum([0] + [s["count"] for s in shards])
         self.mean = torch.tensor(latent["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(latent["std"], dtype=torch.float32).view(1, -1, 1, 1)
+
+    def _array(self, name, mmap_mode, shape):
+        """A stored array whose shape matches `shape` (None: any length)."""
+        path = self.root / name
+        try:
+            array = np.load(path, mmap_mode=mmap_mode)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable .npy array ({e})") from None
+        if len(array.shape) != len(shape) or any(n is not None and n != m for n, m in zip(shape, array.shape)):
+            expected = tuple("n" if n is None else n for n in shape)
+            raise DataError(f"{path}: shape {array.shape}, the manifest says {expected}")
+        return array
 
     def __len__(self):
         return int(self.starts[-1])
@@ -604,13 +705,15 @@ def main(argv=None):
     s.add_argument("--text-seq-len", type=int, default=16)
     v = sub.add_parser("verify", help="check a shard directory against its manifest")
     v.add_argument("root")
+    v.add_argument("--full", action="store_true", help="hash every byte (default: sizes + sampled sha256 windows)")
     args = p.parse_args(argv)
     if args.command == "shapes":
         build_shapes(args.out, args.n_train, args.seed, args.shard_size, args.workers, args.text_model,
                      args.text_pretrained, args.text_seed, args.text_seq_len)
     elif args.command == "verify":
-        dataset = ShardDataset(args.root)
-        print(f"{args.root}: ok, {len(dataset)} samples, order hash {order_hash(len(dataset), 0)} (seed 0)")
+        dataset = ShardDataset(args.root, verify="full" if args.full else "fast")
+        check = "every byte hashed" if args.full else "sizes and sampled sha256 windows; --full hashes every byte"
+        print(f"{args.root}: ok ({check}), {len(dataset)} samples, order hash {order_hash(len(dataset), 0)} (seed 0)")
 
 
 if __name__ == "__main__":

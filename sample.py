@@ -16,6 +16,8 @@ Output (GenEval's layout, scorable by its scripts unchanged):
 """
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -103,10 +105,35 @@ class Sampler:
         return images
 
     def run(self, ckpt_path, out):
-        """Sample one checkpoint into `out` in GenEval's layout; returns the checkpoint's metadata."""
+        """Sample one checkpoint into `out` in GenEval's layout; returns the checkpoint's metadata.
+
+        The files are written to a staging folder beside `out`, then moved in: a write that fails (a
+        full disk, ...) is a one-line DataError that leaves `out` as it was and no staging folder.
+        """
         ckpt = self.load(ckpt_path)
         images = self.images()
+        info = {"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": self.cfg_scale,
+                "weights": self.weights, "seed": self.seed, "images_per_prompt": self.images_per_prompt,
+                **{k: ckpt[k] for k in ("train_seconds", "step", "images_seen", "params")}}
         out = Path(out)
+        staging = out.resolve().with_name(out.resolve().name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+        try:
+            self.write(images, info, staging)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise data.DataError(f"{out}: could not write the samples ({e.strerror or e}); "
+                                 f"{out} is unchanged") from None
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sampling.json").unlink(missing_ok=True)  # moved in last: its presence means complete
+        for entry in sorted(staging.iterdir(), key=lambda p: p.name == "sampling.json"):
+            if (out / entry.name).is_dir():
+                shutil.rmtree(out / entry.name)
+            os.replace(entry, out / entry.name)
+        staging.rmdir()
+        return info
+
+    def write(self, images, info, out):
         for i, prompt in enumerate(self.prompts):
             folder = out / f"{i:05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
@@ -115,12 +142,8 @@ class Sampler:
             for j in range(self.images_per_prompt):
                 Image.fromarray(images[i, j]).save(folder / "samples" / f"{j:04d}.png")
             save_grid([images[i, j] for j in range(self.images_per_prompt)], folder / "grid.png")
-        info = {"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": self.cfg_scale,
-                "weights": self.weights, "seed": self.seed, "images_per_prompt": self.images_per_prompt,
-                **{k: ckpt[k] for k in ("train_seconds", "step", "images_seen", "params")}}
         with open(out / "sampling.json", "w") as f:
             json.dump(info, f, indent=1)
-        return info
 
 
 def checkpoints_of(run):

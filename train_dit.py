@@ -12,13 +12,21 @@ in model.py) and keep the rules of README.md: fixed data and data order, 100-NFE
 The training clock starts after an untimed compile warm-up (whose effects on weights, optimizer
 and data position are undone) and stops while checkpoints are written. Checkpoints land every
 `ckpt_every_seconds` of training clock; sample.py and evaluate.py turn them into the curve.
+
+Reliability: `--resume CKPT` continues bit-exactly (weights, EMA, optimizer, data position, RNG,
+training clock). SIGTERM or SIGINT finishes the step, checkpoints and exits 0. A NaN/Inf loss or
+gradient stops the run naming the step, before any checkpoint holds such weights (or, with
+`--skip_nonfinite true`, skips that step's update). Checkpoints are written atomically; a full
+disk is a one-line error that replaces nothing.
 """
 import argparse
 import copy
 import dataclasses
 import json
+import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +62,7 @@ class Hyperparameters:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables
+    skip_nonfinite: bool = False  # a step with NaN/Inf gradients skips its update instead of stopping the run
     ema_decay: float = 0.999  # reached after a warm-up: decay at step s is min(ema_decay, (1 + s) / (10 + s))
     # flow matching
     time_sampling: str = "logit_normal"  # "logit_normal" (SD3) or "uniform"
@@ -70,6 +79,7 @@ class Hyperparameters:
     compile: bool = True  # torch.compile the model (GPU only)
     compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
     resume: str = ""  # checkpoint to continue from
+    verify_full: bool = False  # hash every byte of the data at start (default: sizes + sampled sha256 windows)
     wandb: bool = False  # log to wandb (if installed)
 
 
@@ -84,16 +94,43 @@ PRESETS = {
 }
 
 
+# Allowed values, checked when the flags are read: a bad value fails at once, naming its flag,
+# instead of deep in the run (a zero log_every, a NaN learning rate, a seed numpy refuses).
+CHOICES = {"model": sorted(dit.PRESETS), "prediction": ["image", "velocity"],
+           "time_sampling": ["logit_normal", "uniform"]}
+RANGES = [
+    (("patch_size", "batch_size", "log_every", "ckpt_every_seconds"), "> 0", lambda v: v > 0),
+    (("lr", "lr_warmup_steps", "weight_decay", "grad_clip", "time_std", "budget_seconds", "max_steps",
+      "compile_warmup_steps"), ">= 0", lambda v: v >= 0),
+    (("beta1", "beta2"), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("ema_decay", "text_dropout"), "in [0, 1]", lambda v: 0 <= v <= 1),
+    (("time_mean",), "finite", math.isfinite),
+    (("seed",), "in [0, 2**31)", lambda v: 0 <= v < 2 ** 31),
+]
+
+
+def parse_bool(text):
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true, false, 1 or 0, got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="named set of overrides")
     for f in dataclasses.fields(Hyperparameters):
-        kind = {bool: lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]}.get(f.type, f.type)
-        p.add_argument(f"--{f.name}", type=kind, default=None, help=f"default {f.default!r}")
+        p.add_argument(f"--{f.name}", type=parse_bool if f.type is bool else f.type, choices=CHOICES.get(f.name),
+                       default=None, help=f"default {f.default!r}")
     args = p.parse_args(argv)
     overrides = dict(PRESETS[args.preset]) if args.preset else {}
     overrides.update({k: v for k, v in vars(args).items() if k != "preset" and v is not None})
-    return Hyperparameters(**overrides)
+    hp = Hyperparameters(**overrides)
+    for names, rule, holds in RANGES:
+        for name in names:
+            if not holds(getattr(hp, name)):
+                p.error(f"argument --{name}: must be {rule}, got {getattr(hp, name)!r}")
+    return hp
 
 
 def main(hp: Hyperparameters):
@@ -109,6 +146,8 @@ def main(hp: Hyperparameters):
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+    if hp.batch_size % world_size:
+        raise data.DataError(f"--batch_size {hp.batch_size} does not split evenly over {world_size} ranks")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
@@ -153,10 +192,10 @@ def main(hp: Hyperparameters):
     # =========================================================================
     # Data: the fixed seeded order, split over ranks
 
-    dataset = data.ShardDataset(hp.data)
+    dataset = data.ShardDataset(hp.data, verify="full" if hp.verify_full else "fast")
     data_hash = data.order_hash(len(dataset), hp.seed)
     log(f"data: {hp.data} track={dataset.manifest['track']} samples={len(dataset)} "
-        f"data_order_hash={data_hash} (seed {hp.seed})")
+        f"data_order_hash={data_hash} (seed {hp.seed}) verified={'full' if hp.verify_full else 'fast'}")
 
     # =========================================================================
     # Model, EMA and optimizer
@@ -176,9 +215,10 @@ def main(hp: Hyperparameters):
     decay, no_decay = [], []
     for name, p in raw_model.named_parameters():
         (decay if p.ndim >= 2 and "null" not in name else no_decay).append(p)
+    # Fused on the CPU too: its found_inf hook is how skip_nonfinite skips a step without a host sync.
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=hp.lr, betas=(hp.beta1, hp.beta2), fused=use_cuda)
+        lr=hp.lr, betas=(hp.beta1, hp.beta2), fused=True)
     model = DDP(raw_model, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else raw_model
     if hp.compile and use_cuda:
         model = torch.compile(model)
@@ -186,10 +226,18 @@ def main(hp: Hyperparameters):
     step, train_seconds, position = 0, 0.0, 0
     if hp.resume:
         ckpt = load_checkpoint(hp.resume, cfg)
+        missing = sorted(RESUME_FIELDS - ckpt.keys())
+        if missing:
+            raise data.DataError(f"{hp.resume}: cannot resume from it, it lacks {missing} (an older train_dit.py?)")
         load_weights(raw_model, ckpt["model"], hp.resume)
         load_weights(ema, ckpt["ema"], hp.resume)
         optimizer.load_state_dict(ckpt["optimizer"])
         step, train_seconds, position = ckpt["step"], ckpt["train_seconds"], ckpt["loader_position"]
+        # The batch draws below depend on (seed, step) alone; the global RNG is restored for any edit
+        # that draws from it (dropout, ...), so that resuming stays bit-exact.
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if use_cuda and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         log(f"resumed from {hp.resume}: step {step}, {train_seconds:.1f} s of training clock")
 
     # =========================================================================
@@ -213,6 +261,7 @@ def main(hp: Hyperparameters):
     ema_params, model_params = list(ema.parameters()), list(raw_model.parameters())
 
     def train_step(step, latents, text_tokens, text_pooled):
+        """One update; returns the loss and the gradient norm, on the device (read once per log interval)."""
         noise, t, drop = draw(step)
         x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
         for group in optimizer.param_groups:
@@ -221,15 +270,26 @@ def main(hp: Hyperparameters):
             velocity = model(x_t, t, text_tokens, text_pooled, drop)
         loss = F.mse_loss(velocity.float(), noise - latents)
         loss.backward()
+        # The gradient norm is read with the loss to catch a non-finite step; after DDP's all-reduce it
+        # is the same on every rank, so every rank skips (or not) alike.
         if hp.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), hp.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model_params, hp.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model_params if p.grad is not None])
+        # EMA warm-up: a fixed 0.999 would keep 43% of the random init after 850 steps.
+        ema_weight = 1 - min(hp.ema_decay, (1 + step) / (10 + step))
+        if hp.skip_nonfinite:
+            # Fused AdamW skips its whole update on the device where found_inf is nonzero (the hook
+            # torch.amp.GradScaler uses), so skipping costs no host sync. The EMA step is masked alike,
+            # with one 0-dim weight per tensor (the scalar-weight lerp would read it on the host).
+            skip = (~torch.isfinite(grad_norm)).float()
+            optimizer.found_inf = skip
+            ema_weight = [ema_weight * (1 - skip)] * len(ema_params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        # EMA warm-up: a fixed 0.999 would keep 43% of the random init after 850 steps.
-        decay = min(hp.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
-        return loss.detach()
+            torch._foreach_lerp_(ema_params, model_params, ema_weight)
+        return loss.detach(), grad_norm.detach()
 
     # =========================================================================
     # Compile warm-up, untimed and undone
@@ -240,8 +300,9 @@ def main(hp: Hyperparameters):
         batch = next(warm_loader)
         warm_loader.close()
         t0 = time.perf_counter()
-        for i in range(hp.compile_warmup_steps):
-            train_step(step + i, *batch[:3])
+        with torch.random.fork_rng(devices=[device] if use_cuda else []):
+            for i in range(hp.compile_warmup_steps):
+                train_step(step + i, *batch[:3])
         sync()
         for m, state in zip((raw_model, ema, optimizer), saved):
             m.load_state_dict(state)
@@ -251,40 +312,76 @@ def main(hp: Hyperparameters):
     # Training loop: checkpoints on marks of the training clock
 
     loader = data.Loader(dataset, hp.batch_size, hp.seed, position, rank, world_size, device)
+    last_checkpoint = hp.resume or None
 
     def save_checkpoint():
-        if not master:
-            return
+        nonlocal last_checkpoint
+        # Never a checkpoint of non-finite weights: an update can blow them up with finite gradients
+        # (a huge learning rate), so they are checked here too, on every rank (one sync per checkpoint).
+        if not torch.stack([torch.isfinite(p).all() for p in model_params + ema_params]).all():
+            raise data.DataError(f"step {step}: the weights are not finite (NaN/Inf) after the update; no checkpoint "
+                                 f"written, the last good one is {last_checkpoint or 'none (none written yet)'}")
         path = out / "checkpoints" / f"ckpt_{step:07d}.pt"
-        atomic_save({
-            "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "model_config": asdict(cfg), "hparams": asdict(hp), "step": step, "train_seconds": train_seconds,
-            "images_seen": step * hp.batch_size, "params": n_params, "data_order_hash": data_hash,
-            "loader_position": loader.position, "data": str(hp.data), "world_size": world_size,
-        }, path)
-        log(f"checkpoint {path} at {train_seconds:.1f} s, step {step}")
+        if master:
+            atomic_save({
+                "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "model_config": asdict(cfg), "hparams": asdict(hp), "step": step, "train_seconds": train_seconds,
+                "images_seen": step * hp.batch_size, "params": n_params, "data_order_hash": data_hash,
+                "loader_position": loader.position, "data": str(hp.data), "world_size": world_size,
+                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None},
+            }, path)
+            log(f"checkpoint {path} at {train_seconds:.1f} s, step {step}")
+        last_checkpoint = path
+
+    # SIGTERM (preemption) or SIGINT (Ctrl-C): finish the step, checkpoint, exit 0. With several ranks
+    # the stop is agreed at the next log interval, together with the clock, so all ranks stop at one step.
+    stop_signals = []
+
+    def request_stop(signum, frame):
+        stop_signals.append(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
 
     next_ckpt = (train_seconds // hp.ckpt_every_seconds + 1) * hp.ckpt_every_seconds
-    losses = []
+    losses, grad_norms = [], []
+    stopping = False
     progress = tqdm_or_none(master, hp.budget_seconds, train_seconds)
     sync()
     segment_start = time.perf_counter()
     while train_seconds < hp.budget_seconds and not (hp.max_steps and step >= hp.max_steps):
         latents, text_tokens, text_pooled, _ = next(loader)
-        losses.append(train_step(step, latents, text_tokens, text_pooled))
+        loss, grad_norm = train_step(step, latents, text_tokens, text_pooled)
+        losses.append(loss)
+        grad_norms.append(grad_norm)
         step += 1
-        if step % hp.log_every and not (hp.max_steps and step >= hp.max_steps):
+        at_max_steps = hp.max_steps and step >= hp.max_steps
+        if step % hp.log_every and not at_max_steps and not (stop_signals and world_size == 1):
             continue
-        # One host sync per log interval: read the losses, then the clock (the same on every rank).
-        loss_values = torch.stack(losses).tolist()
+        # One host sync per log interval: read the losses and gradient norms, then the clock and any
+        # stop request (the same on every rank).
+        loss_values, norm_values = torch.stack([torch.stack(losses), torch.stack(grad_norms)]).tolist()
         sync()
-        clock = torch.tensor(train_seconds + time.perf_counter() - segment_start)
+        clock = torch.tensor([train_seconds + time.perf_counter() - segment_start, float(bool(stop_signals))],
+                             device=device)
         if world_size > 1:
             dist.all_reduce(clock, op=dist.ReduceOp.MAX)
-        clock = float(clock)
+        clock, stopping = clock.tolist()
         first = step - len(loss_values) + 1
         for i, value in enumerate(loss_values):
             log(f"step {first + i} loss {value:.5f}", echo=False)
+        nonfinite = [(first + i, value, norm) for i, (value, norm) in enumerate(zip(loss_values, norm_values))
+                     if not (math.isfinite(value) and math.isfinite(norm))]
+        for bad_step, value, norm in nonfinite:
+            if hp.skip_nonfinite and not math.isfinite(norm):
+                log(f"step {bad_step}: loss {value}, gradient norm {norm}: update skipped (skip_nonfinite)")
+                continue
+            # Checked before this interval's checkpoint: no checkpoint ever holds what followed.
+            message = (f"step {bad_step}: loss {value}, gradient norm {norm}: not finite, training stopped; "
+                       f"last good checkpoint: {last_checkpoint or 'none written yet'} "
+                       f"(--skip_nonfinite true skips such steps)")
+            log(f"error: {message}", echo=False)
+            raise data.DataError(message)
         rate = hp.batch_size * len(loss_values) / max(clock - train_seconds, 1e-9)
         log(f"step {step} | train {clock:.1f} s | loss {sum(loss_values) / len(loss_values):.4f} | "
             f"{rate:.0f} img/s | images {step * hp.batch_size}", echo=progress is None)
@@ -294,8 +391,9 @@ def main(hp: Hyperparameters):
         if wandb_run:
             wandb_run.log({"loss": loss_values[-1], "train_seconds": clock, "img_per_s": rate}, step=step)
         losses.clear()
+        grad_norms.clear()
         train_seconds = clock
-        done = train_seconds >= hp.budget_seconds or (hp.max_steps and step >= hp.max_steps)
+        done = train_seconds >= hp.budget_seconds or at_max_steps or stopping
         if train_seconds >= next_ckpt or done:
             save_checkpoint()  # the clock is stopped while the checkpoint is written
             next_ckpt = (train_seconds // hp.ckpt_every_seconds + 1) * hp.ckpt_every_seconds
@@ -307,7 +405,11 @@ def main(hp: Hyperparameters):
     loader.close()
     if progress is not None:
         progress.close()
-    log(f"done: {step} steps, {train_seconds:.1f} s of training clock, {step * hp.batch_size} images")
+    if stopping:
+        log(f"stopped by {(stop_signals or ['a signal to another rank'])[0]} after step {step}: checkpoint "
+            f"{last_checkpoint}; continue with --resume {last_checkpoint}")
+    else:
+        log(f"done: {step} steps, {train_seconds:.1f} s of training clock, {step * hp.batch_size} images")
     if world_size > 1:
         dist.destroy_process_group()
 
@@ -317,13 +419,30 @@ def main(hp: Hyperparameters):
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file, fsync, then rename: a killed save leaves the old file intact."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary file, fsync, then rename: a killed save leaves the old file intact.
+
+    A write that fails (a full disk, ...) removes the temporary file and raises a one-line DataError;
+    the file at `path`, if any, is untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")  # not *.pt: never taken for a checkpoint
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise data.DataError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
+                             f"nothing was replaced") from None
+    directory = os.open(path.parent, os.O_RDONLY)
+    os.fsync(directory)  # the rename itself survives a power cut
+    os.close(directory)
+
+
+# What --resume needs besides the model config and weights; a checkpoint without one is refused by name.
+RESUME_FIELDS = {"ema", "optimizer", "step", "train_seconds", "loader_position", "rng"}
 
 
 def load_checkpoint(path, expected_cfg=None):
