@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 FORMAT = "imagegen-speedrun-shards"
 FORMAT_VERSION = 1
@@ -60,6 +61,7 @@ EVAL_PROMPTS_PER_TAG = 100
 EVAL_IMAGES_PER_PROMPT = 4
 # Independent random streams under one seed: training scenes, eval prompts, eval truth renders.
 TRAIN_STREAM, EVAL_PROMPT_STREAM, EVAL_TRUTH_STREAM = 0, 1, 2
+CAPTION_STREAM, VIEW_STREAM = 3, 4  # ImageNet's per-image caption template; the loader's per-sample view (flip)
 
 
 @lru_cache(maxsize=None)
@@ -386,10 +388,20 @@ def write_shard(root, index, latents, caption_ids):
 
 
 def write_text_table(root, captions, encoder):
-    """Encode every unique caption once; store the table and return its manifest section."""
-    tokens, pooled = encoder.encode(captions)
-    np.save(Path(root) / "text_tokens.npy", tokens.numpy().astype(np.float16))
-    np.save(Path(root) / "text_pooled.npy", pooled.numpy().astype(np.float16))
+    """Encode every unique caption once; store the table and return its manifest section.
+
+    The table is written chunk by chunk into .npy memmaps: per-image captions (a captioned ImageNet)
+    make a table of many GB, which is streamed from disk by the loader, never held in memory.
+    """
+    shapes = {"text_tokens.npy": (len(captions), encoder.seq_len, encoder.width),
+              "text_pooled.npy": (len(captions), encoder.pooled_width)}
+    tables = [np.lib.format.open_memmap(Path(root) / name, "w+", np.float16, shape) for name, shape in shapes.items()]
+    for start in range(0, len(captions), 4096):
+        for table, features in zip(tables, encoder.encode(captions[start:start + 4096])):
+            table[start:start + len(features)] = features.numpy().astype(np.float16)
+    for table in tables:
+        table.flush()
+    del tables
     with open(Path(root) / "captions.json", "w") as f:
         json.dump(captions, f, indent=0)
     return {"count": len(captions), "seq_len": encoder.seq_len, "width": encoder.width,
@@ -517,6 +529,213 @@ def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, 
 
 
 # -----------------------------------------------------------------------------
+# ImageNet: ADM center crop, SD-VAE latents of each image and its flip, class-name captions
+
+IMAGENET_SIZE = 256
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+
+def adm_center_crop(image, size=IMAGENET_SIZE):
+    """ADM's center crop: box-halve while the short side is >= 2*size, bicubic to `size`, crop the middle."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
+def load_imagenet_image(path):
+    """(256x256x3 uint8, None), or (None, reason) for a file PIL cannot decode. Grey, CMYK, palette -> RGB."""
+    try:
+        with Image.open(path) as image:
+            return adm_center_crop(image.convert("RGB")), None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return None, f"unreadable: {type(e).__name__}: {str(e)[:120]}"
+
+
+def list_imagenet(src):
+    """Sorted relative paths of every file under the synset folders of `src`, and their class indices."""
+    from timm.data import ImageNetInfo  # ships ImageNet-1k's synset ids in class-index order
+    info = ImageNetInfo()
+    index_of = {info.index_to_label_name(i): i for i in range(info.num_classes())}
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(f"{src}: not a directory (expected ImageNet train: n01440764/..., one folder per synset)")
+    folders = sorted(d for d in src.iterdir() if d.is_dir())
+    unknown = [d.name for d in folders if d.name not in index_of]
+    if not folders or unknown:
+        raise DataError(f"{src}: expected ImageNet synset folders (n01440764/...); found "
+                        f"{', '.join(unknown[:3]) if unknown else 'none'}")
+    paths, labels = [], []
+    for folder in folders:
+        for f in sorted(p for p in folder.iterdir() if p.is_file()):
+            paths.append(f"{folder.name}/{f.name}")
+            labels.append(index_of[folder.name])
+    return paths, np.array(labels, np.int64)
+
+
+def read_captions_file(path, wanted):
+    """{relative path: caption} from a jsonl of {"path": ..., "caption": ...}; every wanted path must have one."""
+    captions = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            for field in ("path", "caption"):
+                if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field]:
+                    raise DataError(f"{path}:{number}: field '{field}' missing or not a non-empty string")
+            captions[row["path"]] = row["caption"]
+    missing = [p for p in wanted if p not in captions]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} images have no caption, e.g. {', '.join(missing[:3])}")
+    return captions
+
+
+def imagenet_captions(paths, labels, seed, captions_file=None):
+    """One caption per image: from the captions file, else an OpenAI template of the class name chosen by seed."""
+    if captions_file:
+        by_path = read_captions_file(captions_file, paths)
+        return [by_path[p] for p in paths]
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+    choice = np.random.default_rng([seed, CAPTION_STREAM]).integers(len(OPENAI_IMAGENET_TEMPLATES), size=len(paths))
+    return [OPENAI_IMAGENET_TEMPLATES[t](IMAGENET_CLASSNAMES[c]) for t, c in zip(choice, labels)]
+
+
+class VAEAutoencoder:
+    """The SD-VAE through diffusers: 256x256 RGB <-> 4x32x32 latents (the posterior mean).
+
+    `name` is any AutoencoderKL hub id or local folder; `config` (with `seed`) builds a random-init
+    model of that config instead, for tests and timing.
+    """
+
+    def __init__(self, name=DEFAULT_VAE, config=None, seed=0, mean=None, std=None, device="cpu"):
+        from diffusers import AutoencoderKL
+        if config is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                vae = AutoencoderKL(**config)
+        else:
+            try:
+                vae = AutoencoderKL.from_pretrained(name)
+            except Exception as e:  # hub unreachable, unknown id, missing files, ...
+                raise DataError(
+                    f"VAE {name!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]}); on a "
+                    f"machine with network run `python -c \"from diffusers import AutoencoderKL; "
+                    f"AutoencoderKL.from_pretrained('{name}').save_pretrained('vae')\"` and pass --vae vae, "
+                    f"or fill the Hugging Face cache and set HF_HUB_OFFLINE=1") from None
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, images):
+        """uint8 images (B, H, W, 3) -> posterior means (B, C, H/8, W/8), float32 on the CPU."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
+        x = (x.to(self.dtype) / 127.5 - 1)
+        return self.vae.encode(x).latent_dist.mean.float().cpu()
+
+    @torch.no_grad()
+    def decode(self, latents):
+        """Normalised latents (B, C, h, w) -> uint8 images (B, H, W, 3) on the CPU."""
+        z = latents.float().cpu() * self.std + self.mean
+        x = self.vae.decode(z.to(self.device, self.dtype)).sample.float().cpu()
+        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _encode_imagenet_shard(root, k, paths, src, caption_ids, vae, batch_size, workers):
+    """Decode, crop and encode one shard (each image and its flip); files land atomically, done marker last."""
+    from concurrent.futures import ThreadPoolExecutor
+    stem = Path(root) / f"shard_{k:05d}"
+    with ThreadPoolExecutor(workers) as pool:  # PIL decodes with the GIL released
+        loaded = list(pool.map(load_imagenet_image, [Path(src) / p for p in paths]))
+    keep = [i for i, (image, _) in enumerate(loaded) if image is not None]
+    skipped = [{"path": paths[i], "reason": reason} for i, (image, reason) in enumerate(loaded) if image is None]
+    latents = []
+    for start in range(0, len(keep), batch_size):
+        images = np.stack([loaded[i][0] for i in keep[start:start + batch_size]])
+        pair = vae.encode(np.concatenate([images, images[:, :, ::-1]]))  # the image, then its flip
+        latents.append(torch.stack(pair.chunk(2), dim=1).numpy().astype(np.float16))
+    latents = np.concatenate(latents) if latents else np.zeros((0, 2, 4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), np.float16)
+    for name, array in (("latents", latents), ("captions", caption_ids[keep].astype(np.int32))):
+        with open(f"{stem}.{name}.npy.tmp", "wb") as f:
+            np.save(f, array)
+        os.replace(f"{stem}.{name}.npy.tmp", f"{stem}.{name}.npy")
+    with open(f"{stem}.done.json.tmp", "w") as f:
+        json.dump({"count": len(keep), "skipped": skipped}, f)
+    os.replace(f"{stem}.done.json.tmp", f"{stem}.done.json")
+
+
+def build_imagenet(src, out, vae=DEFAULT_VAE, captions_file=None, seed=0, shard_size=10_000, batch_size=64,
+                   workers=8, vae_config=None, rank=0, world_size=1, device="cpu", log=print):
+    """ImageNet -> shards of SD-VAE latents (image and flip) + a caption-feature table + manifest.
+
+    Each rank encodes the shards k with k % world_size == rank; a shard whose done marker exists is
+    skipped, so a killed prep restarts at its first unfinished shard. Rank 0 then writes the text
+    table, the per-channel latent statistics and the manifest (callers barrier in between).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, labels = list_imagenet(src)
+    captions = imagenet_captions(paths, labels, seed, captions_file)
+    table = sorted(set(captions))
+    caption_ids = np.searchsorted(np.array(table, dtype=object), np.array(captions, dtype=object))
+    n_shards = (len(paths) + shard_size - 1) // shard_size
+    autoencoder = None
+    for k in range(rank, n_shards, world_size):
+        if (out / f"shard_{k:05d}.done.json").exists():
+            continue
+        autoencoder = autoencoder or VAEAutoencoder(vae, vae_config, seed, device=device)
+        rows = slice(k * shard_size, (k + 1) * shard_size)
+        _encode_imagenet_shard(out, k, paths[rows], src, caption_ids[rows], autoencoder, batch_size, workers)
+        log(f"imagenet: shard {k + 1}/{n_shards} done")
+    return dict(paths=paths, table=table, n_shards=n_shards)
+
+
+def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text_model="ViT-L-14",
+                    text_pretrained="openai", text_overrides=None, seed=0, device="cpu", log=print):
+    """Rank 0, after every shard is done: latent statistics, text table, manifest with every skip listed."""
+    out = Path(out)
+    done = [json.loads((out / f"shard_{k:05d}.done.json").read_text()) for k in range(n_shards)]
+    s1, s2, count = np.zeros(0), np.zeros(0), 0
+    for k in range(n_shards):
+        z = np.load(out / f"shard_{k:05d}.latents.npy", mmap_mode="r")
+        for start in range(0, len(z), 1024):
+            block = np.asarray(z[start:start + 1024], np.float64)  # (b, views, C, h, w)
+            if not len(s1):
+                s1, s2 = np.zeros(block.shape[2]), np.zeros(block.shape[2])
+            s1 += block.sum(axis=(0, 1, 3, 4))
+            s2 += (block ** 2).sum(axis=(0, 1, 3, 4))
+            count += block.size // block.shape[2]
+    mean = s1 / max(count, 1)
+    std = np.sqrt(np.maximum(s2 / max(count, 1) - mean ** 2, 1e-12))
+    encoder = TextEncoder(text_model, text_pretrained, seed=0, seq_len=77, overrides=text_overrides, device=device)
+    text = write_text_table(out, table, encoder)
+    skipped = [s for d in done for s in d["skipped"]]
+    entries = [{"count": d["count"], "latents": _file_entry(out, f"shard_{k:05d}.latents.npy"),
+                "captions": _file_entry(out, f"shard_{k:05d}.captions.npy")} for k, d in enumerate(done)]
+    manifest = write_manifest(out, {
+        "track": "imagenet", "seed": seed, "count": sum(d["count"] for d in done), "shards": entries,
+        "skipped_count": len(skipped), "skipped": skipped,
+        "latent": {"shape": [4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8], "views": 2, "dtype": "float16",
+                   "mean": mean.tolist(), "std": std.tolist(), "autoencoder": vae,
+                   "autoencoder_config": vae_config, "autoencoder_seed": seed,
+                   "stored": "posterior mean of the image (view 0) and of its horizontal flip (view 1)"},
+        "text": {"name": text_model, "pretrained": text_pretrained, "seed": 0, "overrides": text_overrides, **text},
+        "eval_metadata": None,
+    })
+    log(f"imagenet: {manifest['count']} images in {n_shards} shards, {len(skipped)} skipped, "
+        f"{len(table)} unique captions; wrote {out}/manifest.json")
+    return manifest
+
+# -----------------------------------------------------------------------------
 # Autoencoders: latents <-> images
 
 class IdentityAutoencoder:
@@ -532,11 +751,12 @@ class IdentityAutoencoder:
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def autoencoder_from_manifest(manifest):
+def autoencoder_from_manifest(manifest, device="cpu"):
     latent = manifest["latent"]
     if latent["autoencoder"] == "identity":
         return IdentityAutoencoder(latent["mean"], latent["std"])
-    raise DataError(f"manifest: unknown autoencoder {latent['autoencoder']!r}")
+    return VAEAutoencoder(latent["autoencoder"], latent.get("autoencoder_config"), latent.get("autoencoder_seed", 0),
+                          latent["mean"], latent["std"], device)
 
 
 # -----------------------------------------------------------------------------
@@ -560,7 +780,11 @@ class ShardDataset:
         # Every array's shape is checked against the manifest here, not met as an IndexError mid-run.
         self.text_tokens = self._array("text_tokens.npy", "r", (None, text["seq_len"], text["width"]))
         self.text_pooled = self._array("text_pooled.npy", "r", (len(self.text_tokens), text["pooled_width"]))
-        self.latents = [self._array(s["latents"]["file"], "r", (s["count"], *self.latent_shape)) for s in shards]
+        # views > 1 (ImageNet: the image and its flip) add an axis after the sample axis.
+        self.views = latent.get("views", 1)
+        view_axis = (self.views,) if "views" in latent else ()
+        self.latents = [self._array(s["latents"]["file"], "r", (s["count"], *view_axis, *self.latent_shape))
+                        for s in shards]
         self.caption_ids = np.concatenate([self._array(s["captions"]["file"], None, (s["count"],)) for s in shards])
         if not np.all((self.caption_ids >= 0) & (self.caption_ids < len(self.text_tokens))):
             raise DataError(f"{self.root}: caption indices outside the {len(self.text_tokens)}-caption table")
@@ -583,15 +807,18 @@ class ShardDataset:
     def __len__(self):
         return int(self.starts[-1])
 
-    def gather(self, indices):
-        """Raw arrays for the given global sample indices (any order)."""
+    def gather(self, indices, views=None):
+        """Raw arrays for the given global sample indices (any order), each in its view (default 0)."""
         latents = np.empty((len(indices), *self.latent_shape), self.latents[0].dtype)
         shard = np.searchsorted(self.starts, indices, side="right") - 1
         for k in np.unique(shard):
             rows = np.nonzero(shard == k)[0]
             local = indices[rows] - self.starts[k]
             order = np.argsort(local)  # read each shard front to back
-            latents[rows[order]] = self.latents[k][local[order]]
+            chosen = self.latents[k][local[order]]
+            if chosen.ndim > len(self.latent_shape) + 1:  # a views axis: keep each sample's view
+                chosen = chosen[np.arange(len(rows)), 0 if views is None else views[rows[order]]]
+            latents[rows[order]] = chosen
         caption_ids = self.caption_ids[indices]
         return {"latents": latents, "text_tokens": self.text_tokens[caption_ids],
                 "text_pooled": self.text_pooled[caption_ids], "caption_ids": caption_ids}
@@ -615,6 +842,17 @@ def global_batch_indices(n, seed, position, batch_size):
         out.append(chunk)
         taken += len(chunk)
     return np.concatenate(out)
+
+
+def global_batch_views(n, views, seed, position, indices):
+    """The view (e.g. flipped or not) of each sample of a global batch: drawn per (seed, epoch, sample)."""
+    epochs = (position + np.arange(len(indices))) // n
+    chosen = np.zeros(len(indices), np.int64)
+    if views > 1:
+        for epoch in np.unique(epochs):
+            rows = epochs == epoch
+            chosen[rows] = np.random.default_rng([seed, int(epoch), VIEW_STREAM]).integers(views, size=n)[indices[rows]]
+    return chosen
 
 
 class Loader:
@@ -655,7 +893,9 @@ class Loader:
         per_rank = self.batch_size // self.world_size
         while not self._stop.is_set():
             idx = global_batch_indices(len(self.dataset), self.seed, position, self.batch_size)
-            raw = self.dataset.gather(idx[self.rank * per_rank:(self.rank + 1) * per_rank])
+            views = global_batch_views(len(self.dataset), self.dataset.views, self.seed, position, idx)
+            mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+            raw = self.dataset.gather(idx[mine], views[mine])
             batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in raw.items()}
             event = None
             if stream is not None:
@@ -690,6 +930,28 @@ class Loader:
 # -----------------------------------------------------------------------------
 # Command line
 
+def prepare_imagenet(args):
+    """The imagenet command, on one process or under torchrun (each rank encodes every world_size-th shard)."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if device != "cpu" else "gloo")
+    text = dict(text_model=args.text_model, text_pretrained=args.text_pretrained or None,
+                text_overrides=args.text_overrides)
+    job = build_imagenet(args.src, args.out, args.vae, captions_file=args.captions, seed=args.seed,
+                         shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
+                         vae_config=args.vae_config, rank=rank, world_size=world_size, device=device)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        finish_imagenet(args.out, job["table"], job["n_shards"], args.vae, args.vae_config, seed=args.seed,
+                        device=device, **text)
+    if world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -703,6 +965,20 @@ def main(argv=None):
     s.add_argument("--text-pretrained", default=None, help="open_clip pretrained tag; default: seeded random init")
     s.add_argument("--text-seed", type=int, default=0)
     s.add_argument("--text-seq-len", type=int, default=16)
+    m = sub.add_parser("imagenet", help="encode ImageNet train into shards (under torchrun, each rank its shards)")
+    m.add_argument("--src", required=True, help="ImageNet train folder: n01440764/*.JPEG, ...")
+    m.add_argument("--out", default="data/imagenet")
+    m.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder")
+    m.add_argument("--vae-config", type=json.loads, default=None,
+                   help="JSON AutoencoderKL config: a seeded random init of it instead of --vae (tests, timing)")
+    m.add_argument("--captions", default=None, help='jsonl of {"path": "n01440764/x.JPEG", "caption": "..."}')
+    m.add_argument("--text-model", default="ViT-L-14")
+    m.add_argument("--text-pretrained", default="openai", help="open_clip pretrained tag; '' for a random init")
+    m.add_argument("--text-overrides", type=json.loads, default=None, help="JSON open_clip.create_model overrides")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shard-size", type=int, default=10_000)
+    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--workers", type=int, default=8, help="threads decoding images")
     v = sub.add_parser("verify", help="check a shard directory against its manifest")
     v.add_argument("root")
     v.add_argument("--full", action="store_true", help="hash every byte (default: sizes + sampled sha256 windows)")
@@ -710,6 +986,8 @@ def main(argv=None):
     if args.command == "shapes":
         build_shapes(args.out, args.n_train, args.seed, args.shard_size, args.workers, args.text_model,
                      args.text_pretrained, args.text_seed, args.text_seq_len)
+    elif args.command == "imagenet":
+        prepare_imagenet(args)
     elif args.command == "verify":
         dataset = ShardDataset(args.root, verify="full" if args.full else "fast")
         check = "every byte hashed" if args.full else "sizes and sampled sha256 windows; --full hashes every byte"

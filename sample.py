@@ -70,7 +70,7 @@ class Sampler:
         self.manifest, self.prompts, self.device = manifest, prompts, device
         self.images_per_prompt, self.cfg_scale, self.batch_size = images_per_prompt, cfg_scale, batch_size
         self.seed, self.weights, self.compile = seed, weights, compile
-        self.autoencoder = data.autoencoder_from_manifest(manifest)
+        self.autoencoder = data.autoencoder_from_manifest(manifest, device)
         self.latent_shape = tuple(manifest["latent"]["shape"])
         self.tokens, self.pooled = encoder.encode([p["prompt"] for p in prompts])
         self.model = self.model_config = self.forward = None
@@ -186,6 +186,9 @@ def sampler_from_args(args, ckpt_path):
     """A Sampler for a run's checkpoints, from the command-line sampling options."""
     data_dir = args.data or load_checkpoint(ckpt_path)["data"]
     manifest = data.read_manifest(data_dir)
+    if not args.prompts and not manifest.get("eval_metadata"):
+        raise data.DataError(f"{Path(data_dir) / 'manifest.json'}: this data has no evaluation prompts; "
+                             f"pass --prompts FILE (GenEval's evaluation_metadata.jsonl for ImageNet)")
     prompts = data.read_metadata(args.prompts or Path(data_dir) / manifest["eval_metadata"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = data.text_encoder_from_manifest(manifest, device)

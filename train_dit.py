@@ -91,6 +91,10 @@ PRESETS = {
     "shapes-cpu": dict(data="data/shapes-cpu", out="runs/shapes-cpu", model="tiny", patch_size=8,
                        batch_size=32, lr=1e-3, lr_warmup_steps=20, ema_decay=0.99, budget_seconds=300,
                        ckpt_every_seconds=100, log_every=10, compile=False),
+    # SD-VAE latents 4x32x32, patch 2: 256 image tokens + 77 caption tokens (python data.py imagenet).
+    "imagenet-gpu": dict(data="data/imagenet", out="runs/imagenet", model="B", patch_size=2, batch_size=256,
+                         lr=1e-4, prediction="velocity", ema_decay=0.9999, budget_seconds=6 * 3600,
+                         ckpt_every_seconds=600, log_every=50),
 }
 
 
