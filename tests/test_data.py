@@ -120,12 +120,12 @@ def test_loader_refuses_a_batch_that_does_not_split_over_ranks(shapes_data):
 def test_fake_dataset_failure_in_the_loader_thread_reaches_the_caller():
     """Plumbing check with a fake dataset: a read error in the prefetch thread is raised by next(), not a hang."""
     class Broken:
-        mean, std = torch.zeros(1), torch.ones(1)
+        mean, std, views = torch.zeros(1), torch.ones(1), 1
 
         def __len__(self):
             return 10
 
-        def gather(self, indices):
+        def gather(self, indices, views):
             raise OSError("disk went away")
 
     loader = data.Loader(Broken(), batch_size=2, seed=0)
