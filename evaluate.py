@@ -295,11 +295,14 @@ def curve(args):
     for ckpt_path in ckpts:
         out = Path(args.run) / "samples" / ckpt_path.stem
         info = sampler.run(ckpt_path, out)
+        if sample.distributed()[0] != 0:  # under torchrun, rank 0 scores what the ranks sampled
+            continue
         scores = score_folder(out, args.backend)
         points.append({**info, **scores, "samples": str(out)})
         print(f"{ckpt_path.name}: {info['train_seconds']:.1f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         write_curve(args.run, points)
-    print(f"curve: {Path(args.run) / 'curve.png'}  table: {Path(args.run) / 'curve.csv'}")
+    if sample.distributed()[0] == 0:
+        print(f"curve: {Path(args.run) / 'curve.png'}  table: {Path(args.run) / 'curve.csv'}")
 
 
 def truth(args):

@@ -88,11 +88,16 @@ class Sampler:
         return ckpt
 
     def images(self):
-        """{(prompt index, sample index): (H, W, 3) uint8 image} for every prompt."""
+        """{(prompt index, sample index): (H, W, 3) uint8 image} for every prompt (rank 0; others: None).
+
+        Under torchrun the batches go round-robin to the ranks and are gathered on rank 0: each batch
+        holds the same images as in a one-process run, so the output is the same.
+        """
+        rank, world_size = distributed()
         jobs = [(i, j) for i in range(len(self.prompts)) for j in range(self.images_per_prompt)]
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(self.device).type == "cuda")
         images = {}
-        for start in range(0, len(jobs), self.batch_size):
+        for start in range(rank * self.batch_size, len(jobs), world_size * self.batch_size):
             chunk = jobs[start:start + self.batch_size]
             padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk) if self.compile else 0)  # one shape
             noise = torch.stack([image_noise(self.latent_shape, self.seed, i, j) for i, j in padded]).to(self.device)
@@ -102,6 +107,10 @@ class Sampler:
                                          self.pooled[idx].to(self.device), self.cfg_scale)
             for (i, j), image in zip(chunk, self.autoencoder.decode(latents[:len(chunk)]).numpy()):
                 images[i, j] = image
+        if world_size > 1:
+            gathered = [None] * world_size if rank == 0 else None
+            torch.distributed.gather_object(images, gathered)
+            images = {k: v for part in gathered for k, v in part.items()} if rank == 0 else None
         return images
 
     def run(self, ckpt_path, out):
@@ -115,6 +124,8 @@ class Sampler:
         info = {"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": self.cfg_scale,
                 "weights": self.weights, "seed": self.seed, "images_per_prompt": self.images_per_prompt,
                 **{k: ckpt[k] for k in ("train_seconds", "step", "images_seen", "params")}}
+        if images is None:  # not rank 0: rank 0 writes
+            return info
         out = Path(out)
         staging = out.resolve().with_name(out.resolve().name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
@@ -144,6 +155,16 @@ class Sampler:
             save_grid([images[i, j] for j in range(self.images_per_prompt)], folder / "grid.png")
         with open(out / "sampling.json", "w") as f:
             json.dump(info, f, indent=1)
+
+
+def distributed():
+    """(rank, world size): joins the process group under torchrun (gloo on CPU, NCCL on GPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", 0)), world_size
 
 
 def checkpoints_of(run):
@@ -190,7 +211,8 @@ def sampler_from_args(args, ckpt_path):
         raise data.DataError(f"{Path(data_dir) / 'manifest.json'}: this data has no evaluation prompts; "
                              f"pass --prompts FILE (GenEval's evaluation_metadata.jsonl for ImageNet)")
     prompts = data.read_metadata(args.prompts or Path(data_dir) / manifest["eval_metadata"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    distributed()
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     encoder = data.text_encoder_from_manifest(manifest, device)
     return Sampler(manifest, select_prompts(prompts, args.per_tag), encoder, device, args.images_per_prompt,
                    args.cfg_scale, args.batch_size, args.seed, args.weights, args.compile)
@@ -210,7 +232,8 @@ def main(argv=None):
         else:
             out = ckpt.parent.parent / "samples" / ckpt.stem
         sampler.run(ckpt, out)
-        print(f"{ckpt} -> {out}")
+        if distributed()[0] == 0:
+            print(f"{ckpt} -> {out}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ gradient stops the run naming the step, before any checkpoint holds such weights
 disk is a one-line error that replaces nothing.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -56,6 +57,7 @@ class Hyperparameters:
     prediction: str = "image"  # "image" (x-prediction, turned into velocity) or "velocity"; see model.py
     # optimisation
     batch_size: int = 256  # global batch, split evenly over ranks
+    micro_batch_size: int = 0  # per-rank forward/backward chunk, gradients accumulated (0: the whole rank batch)
     lr: float = 3e-4
     lr_warmup_steps: int = 100
     weight_decay: float = 0.0
@@ -105,7 +107,7 @@ CHOICES = {"model": sorted(dit.PRESETS), "prediction": ["image", "velocity"],
 RANGES = [
     (("patch_size", "batch_size", "log_every", "ckpt_every_seconds"), "> 0", lambda v: v > 0),
     (("lr", "lr_warmup_steps", "weight_decay", "grad_clip", "time_std", "budget_seconds", "max_steps",
-      "compile_warmup_steps"), ">= 0", lambda v: v >= 0),
+      "compile_warmup_steps", "micro_batch_size"), ">= 0", lambda v: v >= 0),
     (("beta1", "beta2"), "in [0, 1)", lambda v: 0 <= v < 1),
     (("ema_decay", "text_dropout"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("time_mean",), "finite", math.isfinite),
@@ -152,6 +154,9 @@ def main(hp: Hyperparameters):
         device = torch.device("cpu")
     if hp.batch_size % world_size:
         raise data.DataError(f"--batch_size {hp.batch_size} does not split evenly over {world_size} ranks")
+    if hp.micro_batch_size and (hp.batch_size // world_size) % hp.micro_batch_size:
+        raise data.DataError(f"--micro_batch_size {hp.micro_batch_size} does not divide the per-rank batch "
+                             f"{hp.batch_size // world_size}")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
@@ -270,10 +275,17 @@ def main(hp: Hyperparameters):
         x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
         for group in optimizer.param_groups:
             group["lr"] = hp.lr * min(1.0, (step + 1) / max(hp.lr_warmup_steps, 1))
-        with autocast:
-            velocity = model(x_t, t, text_tokens, text_pooled, drop)
-        loss = F.mse_loss(velocity.float(), noise - latents)
-        loss.backward()
+        micro = hp.micro_batch_size or per_rank
+        loss = 0.0
+        for start in range(0, per_rank, micro):
+            part = slice(start, start + micro)
+            last = start + micro >= per_rank
+            # DDP all-reduces gradients on the last chunk only; the chunks' losses add up to the batch mean.
+            with (model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()), autocast:
+                velocity = model(x_t[part], t[part], text_tokens[part], text_pooled[part], drop[part])
+            chunk_loss = F.mse_loss(velocity.float(), (noise - latents)[part]) * (len(velocity) / per_rank)
+            chunk_loss.backward()
+            loss = loss + chunk_loss.detach()
         # The gradient norm is read with the loss to catch a non-finite step; after DDP's all-reduce it
         # is the same on every rank, so every rank skips (or not) alike.
         if hp.grad_clip > 0:
@@ -325,6 +337,13 @@ def main(hp: Hyperparameters):
         if not torch.stack([torch.isfinite(p).all() for p in model_params + ema_params]).all():
             raise data.DataError(f"step {step}: the weights are not finite (NaN/Inf) after the update; no checkpoint "
                                  f"written, the last good one is {last_checkpoint or 'none (none written yet)'}")
+        if world_size > 1:  # DDP keeps replicas identical: check it once per checkpoint (exact per-tensor sums)
+            fingerprint = torch.stack([p.double().pow(2).sum() for p in model_params + ema_params])
+            every = [torch.empty_like(fingerprint) for _ in range(world_size)]
+            dist.all_gather(every, fingerprint)
+            if not all(torch.equal(every[0], f) for f in every[1:]):
+                raise data.DataError(f"step {step}: the ranks' weights differ (DDP replicas diverged)")
+            log(f"step {step}: weights identical on all {world_size} ranks")
         path = out / "checkpoints" / f"ckpt_{step:07d}.pt"
         if master:
             atomic_save({
@@ -364,7 +383,11 @@ def main(hp: Hyperparameters):
             continue
         # One host sync per log interval: read the losses and gradient norms, then the clock and any
         # stop request (the same on every rank).
-        loss_values, norm_values = torch.stack([torch.stack(losses), torch.stack(grad_norms)]).tolist()
+        readings = torch.stack([torch.stack(losses), torch.stack(grad_norms)])
+        if world_size > 1:  # each rank's loss is its slice's mean: log the global batch's mean
+            readings[0] = readings[0] / world_size
+            dist.all_reduce(readings[0])
+        loss_values, norm_values = readings.tolist()
         sync()
         clock = torch.tensor([train_seconds + time.perf_counter() - segment_start, float(bool(stop_signals))],
                              device=device)

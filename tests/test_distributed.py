@@ -1,0 +1,72 @@
+"""torchrun on the CPU (gloo): two processes train and sample the same experiment as one."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+from conftest import REPO, TRAIN_BATCH, logged_losses, train
+
+STEPS = 10
+
+
+def launch(*args, nproc=1):
+    """`torchrun --nproc_per_node=nproc <args>` (or plain python for 1), one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    result = subprocess.run([sys.executable, *runner, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_process_run(shapes_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    launch("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", out, "--max_steps", STEPS,
+           "--log_every", 5, "--batch_size", TRAIN_BATCH, "--ckpt_every_seconds", 0.0001, nproc=2)
+    return out
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_two_processes_follow_the_one_process_run(two_process_run, trained_run):
+    one, two = logged_losses(trained_run), logged_losses(two_process_run)
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for s in two:
+        assert float(two[s]) == pytest.approx(float(one[s]), rel=1e-4, abs=1e-6), s
+    ref, got = weights(trained_run / "checkpoints" / "ckpt_0000010.pt"), weights(
+        two_process_run / "checkpoints" / "ckpt_0000010.pt")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_ranks_hold_identical_weights_at_every_checkpoint(two_process_run):
+    log = (two_process_run / "log.txt").read_text()
+    assert "step 5: weights identical on all 2 ranks" in log
+    assert "step 10: weights identical on all 2 ranks" in log
+
+
+def test_gradient_accumulation_follows_the_whole_batch_run(shapes_data, trained_run, tmp_path):
+    run = train(shapes_data, tmp_path / "micro", 0, "--micro_batch_size", TRAIN_BATCH // 4)
+    one, micro = logged_losses(trained_run), logged_losses(run)
+    for s in range(1, 21):
+        assert float(micro[s]) == pytest.approx(float(one[s]), rel=1e-4, abs=1e-6), s
+
+
+def test_two_process_sampling_writes_the_same_files(trained_run, shapes_data, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    data.write_metadata(prompts, data.read_metadata(shapes_data / "eval_metadata.jsonl")[:3])
+    ckpt = trained_run / "checkpoints" / "ckpt_0000020.pt"
+    common = ("--prompts", prompts, "--images-per-prompt", 2, "--batch-size", 2)
+    launch("sample.py", ckpt, "--out", tmp_path / "one", *common)
+    launch("sample.py", ckpt, "--out", tmp_path / "two", *common, nproc=2)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert len([f for f in files if f.suffix == ".png"]) == 3 * 2 + 3  # samples + grids
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
