@@ -70,3 +70,13 @@ def test_two_process_sampling_writes_the_same_files(trained_run, shapes_data, tm
     assert len([f for f in files if f.suffix == ".png"]) == 3 * 2 + 3  # samples + grids
     for f in files:
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, shapes_data, trained_run, tmp_path):
+    launch("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "resumed",
+           "--max_steps", STEPS, "--log_every", 5, "--batch_size", TRAIN_BATCH,
+           "--resume", two_process_run / "checkpoints" / "ckpt_0000005.pt")
+    one, resumed = logged_losses(trained_run), logged_losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(6, STEPS + 1))
+    for s in resumed:
+        assert float(resumed[s]) == pytest.approx(float(one[s]), rel=1e-4, abs=1e-6), s
