@@ -1,8 +1,13 @@
-"""evaluate.py: GenEval's rules on a sample folder, and metric-against-training-clock curves.
+"""evaluate.py: GenEval's rules on a sample folder, HPSv3 and CLIPScore, and metric-against-training-clock curves.
 
     python evaluate.py score samples/ckpt_0001000            # -> results.jsonl + scores.json
+    python evaluate.py score FOLDER --backend mask2former --metrics geneval clipscore
     python evaluate.py curve runs/shapes                     # sample + score every checkpoint
+    python evaluate.py plot runs/a runs/b --metrics overall clipscore --out fig.png
+    python evaluate.py compare a/results.jsonl b/results.jsonl   # two backends on the same images
     python evaluate.py truth data/shapes --out truth         # ground-truth renders, for checking
+    python evaluate.py geneval-prompts                       # the official 553 prompts (cached)
+    python evaluate.py bench-detector --backend mask2former --random-init --device cuda
 
 The rule engine follows djghosh13/geneval's evaluation: detections above a confidence threshold
 (a stricter one for counting), at most max_objects per class, optional class-wise NMS; include
@@ -13,16 +18,26 @@ and the overall score is the mean of the six task scores.
 Detector backends plug into the same engine. `shapes` is exact for the GenEval-Shapes track:
 background subtraction, connected components, nearest-palette colour, and the shape whose
 template best matches the component; its confidence is that match (IoU) times colour purity.
+`mask2former` is GenEval's detector stack rebuilt on transformers and open_clip (metric name
+`geneval-m2f`); `official` runs an installed djghosh13/geneval checkout on the folder (`geneval`).
 """
 import argparse
 import csv
 import hashlib
+import itertools
 import json
+import os
+import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -45,6 +60,7 @@ class Detection:
     box: tuple  # (x1, y1, x2, y2) in pixels
     score: float
     color: str = None  # set by detectors that classify colour themselves
+    mask: object = None  # (H, W) bool tensor of the object, for detectors whose colour step needs it
 
 
 def box_iou(a, b):
@@ -185,12 +201,310 @@ def detect_shapes(image):
     return found
 
 
-def shapes_backend():
+def shapes_backend(options=None):
     """Detector and colour classifier of the Shapes track: colour comes with each detection."""
-    return detect_shapes, lambda image, cls, dets: [d.color for d in dets]
+    return (lambda images: [detect_shapes(image) for image in images],
+            lambda requests: [[d.color for d in dets] for _, _, dets in requests])
 
 
-BACKENDS = {"shapes": shapes_backend}
+# -----------------------------------------------------------------------------
+# GenEval on COCO: the official prompts, class names and colour templates
+
+GENEVAL_PROMPTS_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
+GENEVAL_PROMPTS_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"  # 553 prompts, commit af4902f
+CACHE_DIR = Path(os.environ.get("IMAGEGEN_SPEEDRUN_CACHE", Path.home() / ".cache" / "imagegen-speedrun"))
+# The 80 COCO classes in the detector's index order, under GenEval's names (its object_names.txt).
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+COLOR_NAMES = tuple(data.COLORS)  # GenEval's ten colours, in its order (argmax ties go to the first)
+COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
+CROP_BACKGROUND = 0x99  # GenEval composites each object onto #999 before classifying its colour
+
+
+def geneval_prompts_path():
+    """The official evaluation_metadata.jsonl, downloaded into the cache on first use."""
+    path = CACHE_DIR / "geneval" / "evaluation_metadata.jsonl"
+    if not path.exists():
+        import urllib.request
+        try:
+            with urllib.request.urlopen(GENEVAL_PROMPTS_URL, timeout=30) as response:
+                body = response.read()
+        except OSError as e:
+            raise data.DataError(f"GenEval prompts: cannot download {GENEVAL_PROMPTS_URL} ({e}); download it on a "
+                                 f"machine with network to {path}, or pass --prompts PATH") from None
+        if hashlib.sha256(body).hexdigest() != GENEVAL_PROMPTS_SHA256:
+            raise data.DataError(f"GenEval prompts: {GENEVAL_PROMPTS_URL} is not the official 553-prompt file "
+                                 f"(sha256 differs); pass --prompts PATH")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_bytes(body)
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Weights: hub ids or local paths; random init (same architectures) for tests and timing
+
+
+@dataclass
+class Options:
+    """How the scorers run: the command-line flags of `score`, `curve` and `bench-detector`."""
+    device: str = None  # default: cuda when available
+    batch_size: int = 16  # images per detector / CLIP batch
+    detector: str = "facebook/mask2former-swin-small-coco-instance"  # hub id or local folder
+    detector_config: dict = None  # a random-init Mask2Former of this config instead (tests, timing)
+    clip_model: str = "ViT-L-14"
+    clip_pretrained: str = "openai"  # open_clip tag or local checkpoint; None: random init
+    clip_overrides: dict = None  # open_clip model kwargs (tests: a tiny tower)
+    geneval_dir: str = None  # an official djghosh13/geneval checkout
+    geneval_python: str = "python"  # the python of its (mmdet 2.x) environment
+    geneval_model_path: str = None  # folder holding its mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth
+    hpsv3_python: str = "python"  # a python where `pip install hpsv3` is installed (its pins conflict with ours)
+    hpsv3_checkpoint: str = None  # local HPSv3.safetensors (default: downloaded from MizzenAI/HPSv3)
+
+    def torch_device(self):
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# Mask2Former Swin-S COCO instance segmentation, the architecture of Options.detector.
+MASK2FORMER_SWIN_S = dict(
+    backbone_config=dict(model_type="swin", embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24],
+                         window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"]),
+    num_labels=80, num_queries=100, hidden_dim=256, encoder_layers=6, decoder_layers=10)
+
+
+def weights_error(what, name, e, hint):
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    return data.DataError(f"{what} {name!r} could not be loaded ({type(e).__name__}: {first}); {hint}")
+
+
+@lru_cache(maxsize=2)
+def load_mask2former(name, config_json, device):
+    """A Mask2Former from the hub / a local folder, or random-init of a config (JSON, to be cacheable)."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+    if config_json is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(**json.loads(config_json)))
+    else:
+        try:
+            model = Mask2FormerForUniversalSegmentation.from_pretrained(name)
+        except (OSError, ValueError) as e:  # hub unreachable and not cached, unknown id, bad folder
+            raise weights_error("detector", name, e, f"on a machine with network run `hf download {name}` (then set "
+                                f"HF_HUB_OFFLINE=1 here) or save it to a folder and pass --detector PATH") from None
+    if model.config.num_labels != len(COCO_CLASSES):
+        raise data.DataError(f"detector {name!r}: {model.config.num_labels} classes; GenEval needs the 80 COCO classes")
+    return model.to(device).eval().requires_grad_(False)
+
+
+@lru_cache(maxsize=2)
+def load_clip(name, pretrained, overrides_json, device):
+    """(model, image transform, tokenizer) of open_clip; pretrained None is a seeded random init."""
+    import open_clip
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, transform = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, **json.loads(overrides_json or "{}"))
+    except (OSError, RuntimeError, ValueError) as e:  # download failed, unknown tag or file
+        if pretrained is None:  # nothing was downloaded: a bad architecture is a bug, not a missing file
+            raise
+        raise weights_error("CLIP", f"{name}/{pretrained}", e, f"on a machine with network run `python -c \"import "
+                            f"open_clip; open_clip.create_model('{name}', pretrained='{pretrained}')\"` to fill the "
+                            f"cache, or pass --clip-pretrained PATH (a local checkpoint)") from None
+    return model.eval().requires_grad_(False), transform, open_clip.get_tokenizer(name)
+
+
+class Clip:
+    """Unit-norm open_clip embeddings of images and texts (fp16 autocast on CUDA, as GenEval's CLIP runs)."""
+
+    def __init__(self, options):
+        self.device = options.torch_device()
+        self.model, self.transform, self.tokenizer = load_clip(
+            options.clip_model, options.clip_pretrained, json.dumps(options.clip_overrides) if options.clip_overrides
+            else None, str(self.device))
+        self.autocast = torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def images(self, pil_images):
+        with self.autocast:
+            x = torch.stack([self.transform(im) for im in pil_images]).to(self.device)
+            return F.normalize(self.model.encode_image(x).float(), dim=-1)
+
+    @torch.no_grad()
+    def texts(self, texts):
+        with self.autocast:
+            return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# The mask2former backend: GenEval's detector stack on transformers + open_clip
+
+MMDET_SCALE = (1333, 800)  # GenEval's test pipeline: keep-ratio resize to fit 1333x800, pad to 32
+MMDET_MEAN, MMDET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+MMDET_MAX_PER_IMAGE = 100
+
+
+def mmdet_resize_shape(height, width, scale=MMDET_SCALE):
+    """(height, width) of mmcv's keep-ratio rescale: the long side fits max(scale), the short side min(scale)."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def mask_boxes(masks):
+    """(N, 4) boxes (x1, y1, x2 + 1, y2 + 1) of (N, H, W) bool masks; an empty mask gets 0s (mmdet's mask2bbox)."""
+    cols, rows = masks.any(1), masks.any(2)
+    width, height = masks.shape[2], masks.shape[1]
+    boxes = torch.stack([cols.int().argmax(1), rows.int().argmax(1),
+                         width - cols.flip(1).int().argmax(1), height - rows.flip(1).int().argmax(1)], 1).float()
+    return boxes * cols.any(1, keepdim=True)
+
+
+def mmdet_instances(class_logits, mask_logits, resized, padded, original, max_per_image=MMDET_MAX_PER_IMAGE):
+    """mmdet 2.x Mask2Former instance results of one image: (labels, scores, boxes, masks).
+
+    Mask logits go to the padded input size, lose the padding and go to the original size (bilinear,
+    as mmdet rescales them). Class softmax without the no-object class; the top (query, class) pairs;
+    score = class probability x mean mask probability inside the binary mask; box from the mask.
+    """
+    probs = class_logits.float().softmax(-1)[:, :-1]
+    num_classes = probs.shape[1]
+    class_scores, top = probs.flatten().topk(min(max_per_image, probs.numel()))
+    labels, queries = top % num_classes, top // num_classes
+    logits = F.interpolate(mask_logits[queries][None].float(), size=padded, mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits[:, :, :resized[0], :resized[1]], size=original, mode="bilinear",
+                           align_corners=False)[0]
+    masks = logits > 0
+    mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+    return labels, class_scores * mask_scores, mask_boxes(masks), masks
+
+
+class Mask2FormerDetector:
+    """Images -> {COCO class: [Detection with mask]} with mmdet's pre- and post-processing."""
+
+    def __init__(self, options):
+        self.device = options.torch_device()
+        self.model = load_mask2former(options.detector, json.dumps(options.detector_config)
+                                      if options.detector_config else None, str(self.device))
+        self.mean = torch.tensor(MMDET_MEAN, device=self.device).view(3, 1, 1)
+        self.std = torch.tensor(MMDET_STD, device=self.device).view(3, 1, 1)
+
+    def preprocess(self, images):
+        """A zero-padded (B, 3, H, W) batch (sides multiples of 32) and each image's resized (h, w)."""
+        resized, tensors = [], []
+        for image in images:
+            size = mmdet_resize_shape(*image.shape[:2])
+            x = torch.tensor(image, device=self.device).permute(2, 0, 1)[None].float()
+            # mmcv resizes the uint8 image (bilinear), then normalises it
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)[0]
+            tensors.append((x - self.mean) / self.std)
+            resized.append(size)
+        height = -(-max(h for h, _ in resized) // 32) * 32
+        width = -(-max(w for _, w in resized) // 32) * 32
+        batch = torch.stack([F.pad(x, (0, width - x.shape[2], 0, height - x.shape[1])) for x in tensors])
+        return batch, resized
+
+    @torch.no_grad()
+    def __call__(self, images):
+        batch, resized = self.preprocess(images)
+        out = self.model(pixel_values=batch)
+        found = []
+        for k, image in enumerate(images):
+            labels, scores, boxes, masks = mmdet_instances(out.class_queries_logits[k], out.masks_queries_logits[k],
+                                                           resized[k], batch.shape[2:], image.shape[:2])
+            per_class = {}
+            for label, score, box, mask in zip(labels.tolist(), scores.tolist(), boxes.tolist(), masks):
+                per_class.setdefault(COCO_CLASSES[label], []).append(Detection(tuple(box), score, mask=mask))
+            found.append(per_class)
+        return found
+
+
+def colour_crop(image, mask, box):
+    """GenEval's colour input: the object composited by its mask onto #999, cropped to its box (PIL image)."""
+    composite = np.where(np.asarray(mask)[:, :, None], image, np.uint8(CROP_BACKGROUND)).astype(np.uint8)
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    return Image.fromarray(composite[y1:y2, x1:x2])
+
+
+class ColorClassifier:
+    """GenEval's zero-shot colour: CLIP over its ten colours, each the mean of three templates per class."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.class_weights = {}
+
+    def weights(self, cls):
+        """(10, D): per colour, the renormalised mean of its three template embeddings."""
+        if cls not in self.class_weights:
+            per_colour = [self.clip.texts([t.format(c=c, cls=cls) for t in COLOR_TEMPLATES]).mean(0)
+                          for c in COLOR_NAMES]
+            self.class_weights[cls] = F.normalize(torch.stack(per_colour), dim=-1)
+        return self.class_weights[cls]
+
+    def __call__(self, requests):
+        """[(image, class, [Detection with mask])] -> [[colour name per detection]], one CLIP batch."""
+        crops = [colour_crop(image, d.mask.cpu().numpy(), d.box) for image, _, dets in requests for d in dets]
+        if not crops:
+            return [[] for _ in requests]
+        features = self.clip.images(crops)
+        colours, start = [], 0
+        for _, cls, dets in requests:
+            best = (features[start:start + len(dets)] @ self.weights(cls).T).argmax(1)
+            colours.append([COLOR_NAMES[i] for i in best.tolist()])
+            start += len(dets)
+        return colours
+
+
+def mask2former_backend(options):
+    return Mask2FormerDetector(options), ColorClassifier(Clip(options))
+
+
+BACKENDS = {"shapes": shapes_backend, "mask2former": mask2former_backend}
+# Reported under different names until their gap is measured (README: "Measuring the gap").
+GENEVAL_METRICS = {"shapes": "geneval-shapes", "mask2former": "geneval-m2f", "official": "geneval"}
+
+
+# -----------------------------------------------------------------------------
+# The official backend: an installed djghosh13/geneval checkout, in its own environment
+
+
+def official_rows(folder, options):
+    """Run the checkout's evaluation/evaluate_images.py on `folder`; its results.jsonl rows."""
+    if not options.geneval_dir:
+        raise data.DataError("--backend official needs --geneval-dir (a djghosh13/geneval checkout)")
+    script = Path(options.geneval_dir) / "evaluation" / "evaluate_images.py"
+    if not script.exists():
+        raise data.DataError(f"{script}: not found (--geneval-dir must be a djghosh13/geneval checkout)")
+    expected = sum(len(paths) for _, _, paths in read_sample_folder(folder))
+    with tempfile.TemporaryDirectory() as tmp:
+        outfile = Path(tmp) / "results.jsonl"
+        command = [options.geneval_python, str(script.resolve()), str(Path(folder).resolve()), "--outfile", str(outfile)]
+        if options.geneval_model_path:
+            command += ["--model-path", str(Path(options.geneval_model_path).resolve())]
+        result = subprocess.run(command, cwd=options.geneval_dir, capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise data.DataError(f"{script}: exited with {result.returncode}: {last}")
+        rows = []
+        for number, line in enumerate(outfile.read_text().splitlines() if outfile.exists() else [], 1):
+            row = json.loads(line)
+            if not {"filename", "tag", "correct", "details"} <= set(row):
+                raise data.DataError(f"{script} output line {number}: fields filename, tag, correct, details expected")
+            rows.append(row)
+    if len(rows) != expected:
+        raise data.DataError(f"{script}: scored {len(rows)} images of {folder}, which holds {expected}")
+    if all(json.loads(row["details"]) == {} for row in rows):
+        # The known silent failure of the mmdet stack: every confidence below threshold on some GPUs.
+        print(f"warning: {script} detected no object in any of the {len(rows)} images of {folder}; check the mmcv "
+              f"build against this GPU before trusting the score", file=sys.stderr)
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -222,87 +536,271 @@ def read_sample_folder(folder):
     return entries
 
 
-def score_images(images, backend="shapes", th=Thresholds()):
+def score_images(images, backend="shapes", th=Thresholds(), options=None):
     """One results row per (metadata, filename, (H, W, 3) uint8 image), as GenEval's results.jsonl."""
-    detector, classify_colors = BACKENDS[backend]()
-    rows = []
-    for metadata, filename, image in images:
-        detected = keep_detections(detector(image), metadata["tag"], th)
-        correct, reason = judge(detected, metadata, lambda cls, dets: classify_colors(image, cls, dets), th)
-        rows.append({"filename": filename, "tag": metadata["tag"], "prompt": metadata["prompt"],
-                     "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
-                     "details": json.dumps({c: [list(d.box) for d in ds] for c, ds in detected.items()})})
+    options = options or Options()
+    detect, classify_colors = BACKENDS[backend](options)
+    images, rows = iter(images), []
+    while batch := list(itertools.islice(images, options.batch_size)):
+        kept = [keep_detections(raw, metadata["tag"], th)
+                for raw, (metadata, _, _) in zip(detect([image for _, _, image in batch]), batch)]
+        # GenEval classifies the colours of the top-`count` detections of each coloured include clause that
+        # found enough of them; asking for all of them up front lets one CLIP batch serve the image batch.
+        wanted = [(k, clause["class"], kept[k][clause["class"]][:clause["count"]])
+                  for k, (metadata, _, _) in enumerate(batch) for clause in metadata["include"]
+                  if "color" in clause and len(kept[k].get(clause["class"], [])) >= clause["count"]]
+        colours = classify_colors([(batch[k][2], cls, dets) for k, cls, dets in wanted])
+        known = {(k, cls, len(dets)): c for (k, cls, dets), c in zip(wanted, colours)}
+        for k, (metadata, filename, image) in enumerate(batch):
+            correct, reason = judge(kept[k], metadata, lambda cls, dets: known[k, cls, len(dets)], th)
+            rows.append({"filename": filename, "tag": metadata["tag"], "prompt": metadata["prompt"],
+                         "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
+                         "details": json.dumps({c: [list(d.box) for d in ds] for c, ds in kept[k].items()})})
     return rows
 
 
-def score_folder(folder, backend="shapes", th=Thresholds()):
-    """Score every image; write results.jsonl (one row per image) and scores.json; return the scores."""
-    images = ((metadata, str(path), np.asarray(Image.open(path).convert("RGB")))
-              for _, metadata, paths in read_sample_folder(folder) for path in paths)
-    rows = score_images(images, backend, th)
-    with open(Path(folder) / "results.jsonl", "w") as f:
+def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=None):
+    """Score every image; write results.jsonl (one row per image) and scores.json into `out` (default: the
+    folder); return the scores."""
+    if backend == "official":  # runs whole folders in its own environment, so it is no image detector
+        rows = official_rows(folder, options or Options())
+    else:
+        images = ((metadata, str(path), np.asarray(Image.open(path).convert("RGB")))
+                  for _, metadata, paths in read_sample_folder(folder) for path in paths)
+        rows = score_images(images, backend, th, options)
+    out = Path(out or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     scores = summarize(rows)
-    with open(Path(folder) / "scores.json", "w") as f:
-        json.dump({"backend": backend, "images": len(rows), **scores}, f, indent=1)
+    with open(out / "scores.json", "w") as f:
+        json.dump({"backend": backend, "metric": GENEVAL_METRICS[backend], "images": len(rows), **scores}, f, indent=1)
     return scores
+
+
+def compare_results(path_a, path_b):
+    """Two results.jsonl of the same images (e.g. geneval and geneval-m2f): {task: (score a, score b)} and
+    the fraction of images on whose verdict they agree."""
+    def read(path):
+        try:
+            rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+        except (OSError, ValueError) as e:
+            raise data.DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        return {"/".join(Path(r["filename"]).parts[-3:]): r for r in rows}  # <prompt>/samples/<image>.png
+    a, b = read(path_a), read(path_b)
+    if a.keys() != b.keys():
+        raise data.DataError(f"{path_b}: holds other images than {path_a}")
+    scores_a, scores_b = summarize(a.values()), summarize(b.values())
+    agreement = float(np.mean([a[k]["correct"] == b[k]["correct"] for k in a]))
+    return {task: (scores_a[task], scores_b[task]) for task in scores_a}, agreement
+
+
+
+# -----------------------------------------------------------------------------
+# HPSv3 and CLIPScore: one number per image, averaged overall and per tag (HPDv3: per category)
+
+# Runs under --hpsv3-python: the hpsv3 package pins its own transformers/torch, so it lives in its own
+# environment. Reads a job from stdin, writes one mu per image to job["out"].
+HPSV3_WORKER = """
+import json, sys
+import torch
+from hpsv3 import HPSv3RewardInferencer
+job = json.load(sys.stdin)
+kwargs = {"checkpoint_path": job["checkpoint"]} if job["checkpoint"] else {}
+inferencer = HPSv3RewardInferencer(device=job["device"], **kwargs)
+paths, prompts, size = job["image_paths"], job["prompts"], job["batch_size"]
+with open(job["out"], "w") as out:
+    for start in range(0, len(paths), size):
+        with torch.no_grad():
+            rewards = inferencer.reward(image_paths=paths[start:start + size], prompts=prompts[start:start + size])
+        for reward in rewards:  # (mu, sigma): the score is mu
+            out.write(json.dumps(float(reward[0])) + "\\n")
+"""
+
+
+def hpsv3_values(paths, prompts, options):
+    """HPSv3 mu of each (image path, prompt), computed in a subprocess under options.hpsv3_python."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"image_paths": [str(Path(p).resolve()) for p in paths], "prompts": prompts, "out": f"{tmp}/mu.jsonl",
+               "batch_size": options.batch_size, "device": str(options.torch_device()),
+               "checkpoint": options.hpsv3_checkpoint}
+        result = subprocess.run([options.hpsv3_python, "-c", HPSV3_WORKER], input=json.dumps(job), text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise data.DataError(
+                f"HPSv3 under {options.hpsv3_python} failed ({last[:200]}); it needs `pip install hpsv3` in that "
+                f"environment (--hpsv3-python) and the weights MizzenAI/HPSv3 and Qwen/Qwen2-VL-7B-Instruct: on a "
+                f"machine with network run `hf download MizzenAI/HPSv3` and `hf download Qwen/Qwen2-VL-7B-Instruct` "
+                f"(then HF_HUB_OFFLINE=1), or pass --hpsv3-checkpoint PATH")
+        values = [json.loads(line) for line in Path(job["out"]).read_text().splitlines()]
+    if len(values) != len(paths):
+        raise data.DataError(f"HPSv3 under {options.hpsv3_python}: {len(values)} scores for {len(paths)} images")
+    return values
+
+
+def clipscore_values(paths, prompts, options):
+    """CLIPScore of each (image path, prompt): 100 * max(cosine of CLIP image and text embeddings, 0)."""
+    clip, values = Clip(options), []
+    for start in range(0, len(paths), options.batch_size):
+        images = clip.images([Image.open(p).convert("RGB") for p in paths[start:start + options.batch_size]])
+        texts = clip.texts(prompts[start:start + options.batch_size])
+        values += (100 * (images * texts).sum(1).clamp(min=0)).tolist()
+    return values
+
+
+SCALAR_METRICS = {"hpsv3": hpsv3_values, "clipscore": clipscore_values}
+
+
+def score_scalar_metric(folder, metric, options=None, out=None):
+    """Write <metric>.jsonl (one row per image) and <metric>.json; return {metric: mean, metric/tag: mean}."""
+    entries = [(metadata, path) for _, metadata, paths in read_sample_folder(folder) for path in paths]
+    values = SCALAR_METRICS[metric]([path for _, path in entries], [m["prompt"] for m, _ in entries],
+                                    options or Options())
+    out = Path(out or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{metric}.jsonl", "w") as f:
+        for (metadata, path), value in zip(entries, values):
+            f.write(json.dumps({"filename": str(path), "tag": metadata["tag"], "prompt": metadata["prompt"],
+                                metric: value}) + "\n")
+    tags = {}
+    for (metadata, _), value in zip(entries, values):
+        tags.setdefault(metadata["tag"], []).append(value)
+    scores = {metric: float(np.mean(values)), **{f"{metric}/{t}": float(np.mean(v)) for t, v in sorted(tags.items())}}
+    (out / f"{metric}.json").write_text(json.dumps({"images": len(values), **scores}, indent=1))
+    return scores
+
+
+def score_metrics(folder, metrics, backend="shapes", options=None, out=None):
+    """The curve columns of one sample folder: GenEval's task scores (with the metric's name) and the
+    scalar metrics' means."""
+    columns = {}
+    for metric in metrics:
+        if metric == "geneval":
+            columns.update(geneval_metric=GENEVAL_METRICS[backend],
+                           **score_folder(folder, backend, options=options, out=out))
+        else:
+            columns.update(score_scalar_metric(folder, metric, options, out))
+    return columns
+
+
+def read_prompt_file(path):
+    """HPDv3 benchmark files or a user prompt file, as GenEval-schema rows whose tag is the category.
+
+    A .txt file holds one prompt per line; a .json file a list of prompts or of {"prompt", "category"}
+    objects; a .jsonl file one such object per line. The category defaults to the file's name; a
+    folder contributes each such file in it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".json", ".jsonl"))
+        if not files:
+            raise data.DataError(f"{path}: no .txt, .json or .jsonl prompt files")
+        return [row for p in files for row in read_prompt_file(p)]
+    try:
+        text = path.read_text()
+        if path.suffix == ".txt":
+            items = [line.strip() for line in text.splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            items = json.loads(text)
+        else:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise data.DataError(f"{path}: cannot be read as a prompt file ({type(e).__name__}: {e})") from None
+    rows = []
+    for number, item in enumerate(items if isinstance(items, list) else [None], 1):
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            item = (item["prompt"], item.get("category", path.stem))
+        if isinstance(item, str):
+            item = (item, path.stem)
+        if not isinstance(item, tuple) or not isinstance(item[1], str):
+            raise data.DataError(f"{path}: item {number}: expected a prompt string or a {{\"prompt\", \"category\"}} object")
+        rows.append({"tag": item[1], "prompt": item[0], "include": []})
+    if not rows:
+        raise data.DataError(f"{path}: no prompts")
+    return rows
 
 
 # -----------------------------------------------------------------------------
 # Curves: score every checkpoint of a run, against training-clock seconds
 
-CURVE_FIELDS = ["train_seconds", "step", "images_seen", "single_object", "two_object", "counting", "colors",
-                "position", "color_attr", "overall"]
+CLOCK_FIELDS = ["train_seconds", "step", "images_seen"]
+GENEVAL_COLUMNS = [*data.TAGS, "overall"]
 
 
-def write_curve(run, points, metric="overall"):
+def metric_columns(point):
+    """A curve point's metric columns: GenEval's (with its metric's name), then the scalar metrics'."""
+    return [k for k in point if k in GENEVAL_COLUMNS or k == "geneval_metric" or k.split("/")[0] in SCALAR_METRICS]
+
+
+def write_curve(run, points, name="curve"):
+    """<run>/<name>.json (every point), .csv (clock and metric columns) and .png (each metric a panel)."""
     run = Path(run)
-    with open(run / "curve.json", "w") as f:
+    with open(run / f"{name}.json", "w") as f:
         json.dump(points, f, indent=1)
-    with open(run / "curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, extrasaction="ignore")
+    columns = metric_columns(points[-1])
+    with open(run / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CLOCK_FIELDS + columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(points)
-    plot_curves({run.name: points}, run / "curve.png", metric)
+    plot_curves({run.name: points}, run / f"{name}.png", [c for c in columns if c == "overall" or c in SCALAR_METRICS])
 
 
-def plot_curves(runs, path, metric="overall", target=None):
-    """One PNG of `metric` against training seconds, one line per run (several runs on one figure)."""
+def plot_curves(runs, path, metrics=("overall",), target=None):
+    """One PNG: a panel per metric column against training seconds, a line per run; `target` on 'overall'."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, points in runs.items():
-        ax.plot([p["train_seconds"] for p in points], [p[metric] for p in points], marker="o", label=name)
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle="--", label=f"target {target}")
-    ax.set_xlabel("training wall-clock (s)")
-    ax.set_ylabel(f"GenEval-Shapes {metric}" if metric in CURVE_FIELDS else metric)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(6, 0.8 + 3.2 * len(metrics)), dpi=120, sharex=True, squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        for name, points in runs.items():
+            shown = [p for p in points if metric in p]
+            ax.plot([p["train_seconds"] for p in shown], [p[metric] for p in shown], marker="o", label=name)
+        if metric in GENEVAL_COLUMNS:
+            names = sorted({p.get("geneval_metric", "geneval-shapes") for points in runs.values() for p in points})
+            ax.set_ylabel(f"{'/'.join(names)} {metric}")
+            ax.set_ylim(0, 1)
+            if target is not None and metric == "overall":
+                ax.axhline(target, color="grey", linestyle="--", label=f"target {target}")
+        else:
+            ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[-1, 0].set_xlabel("training wall-clock (s)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
 
 
 def curve(args):
+    """Sample (unless --from-samples) and score every checkpoint of a run; rewrite the curve after each."""
     import sample
+    options = options_from_args(args)
     ckpts = sample.checkpoints_of(args.run)
-    sampler = sample.sampler_from_args(args, ckpts[0])
+    sampler = None
+    if not args.from_samples:
+        if "geneval" in args.metrics and args.backend != "shapes" and not args.prompts:
+            args.prompts = str(geneval_prompts_path())  # the COCO detectors judge GenEval's own prompts
+        sampler = sample.sampler_from_args(args, ckpts[0])
     points = []
     for ckpt_path in ckpts:
-        out = Path(args.run) / "samples" / ckpt_path.stem
-        info = sampler.run(ckpt_path, out)
+        out = Path(args.run) / args.samples / ckpt_path.stem
+        if sampler is not None:
+            info = sampler.run(ckpt_path, out)
+        elif (out / "sampling.json").exists():
+            info = json.loads((out / "sampling.json").read_text())
+        else:
+            raise data.DataError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
         if sample.distributed()[0] != 0:  # under torchrun, rank 0 scores what the ranks sampled
             continue
-        scores = score_folder(out, args.backend)
+        scores = score_metrics(out, args.metrics, args.backend, options)
         points.append({**info, **scores, "samples": str(out)})
-        print(f"{ckpt_path.name}: {info['train_seconds']:.1f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-        write_curve(args.run, points)
+        print(f"{ckpt_path.name}: {info['train_seconds']:.1f} s  "
+              + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+        write_curve(args.run, points, args.curve)
     if sample.distributed()[0] == 0:
-        print(f"curve: {Path(args.run) / 'curve.png'}  table: {Path(args.run) / 'curve.csv'}")
+        print(f"curve: {Path(args.run) / args.curve}.png  table: {Path(args.run) / args.curve}.csv")
 
 
 def truth(args):
@@ -499,17 +997,110 @@ def check_record(folder):
     return problems
 
 
+# -----------------------------------------------------------------------------
+# Throughput of a detector backend (random-init weights need no download)
+
+
+def bench_detector(args):
+    """Detection and colour throughput (img/s) on random images, timed after one warm-up batch."""
+    options = options_from_args(args)
+    if args.random_init:
+        options.detector_config, options.clip_pretrained = MASK2FORMER_SWIN_S, None
+    detect, classify_colors = BACKENDS[args.backend](options)
+    device, size = options.torch_device(), args.image_size
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.images)]
+    batches = [images[i:i + options.batch_size] for i in range(0, len(images), options.batch_size)]
+    # The colour step as a coloured prompt drives it: `--crops` masked objects per image (a centred square).
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = True
+    objects = [Detection((size // 4, size // 4, 3 * size // 4, 3 * size // 4), 1.0, "red", mask)] * args.crops
+
+    def seconds(step):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    def colour(batch):
+        return classify_colors([(image, "car", objects) for image in batch])
+
+    detect(batches[0]), colour(batches[0])  # warm-up: kernels, allocator, the class's text embeddings
+    detection, colours = seconds(detect), seconds(colour)
+    n = len(images)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.backend}{' (random init)' if args.random_init else ''} on {name}: {n} images {size}x{size} "
+          f"(detector input {'x'.join(map(str, mmdet_resize_shape(size, size)))}), batch {options.batch_size}")
+    print(f"detection {n / detection:.2f} img/s  colour ({args.crops} crops/img) {n / colours:.2f} img/s  "
+          f"total {n / (detection + colours):.2f} img/s")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def add_scoring_args(p, batch_flag="--batch-size", backends=(*BACKENDS, "official")):
+    p.add_argument("--backend", choices=sorted(backends), default="shapes",
+                   help="GenEval's detector: shapes (exact, Shapes track), mask2former (geneval-m2f), official (geneval)")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument(batch_flag, dest="score_batch_size", type=int, default=Options.batch_size,
+                   help="images per detector / CLIP / HPSv3 batch")
+    p.add_argument("--detector", default=Options.detector, help="Mask2Former hub id or local folder")
+    p.add_argument("--clip-model", default=Options.clip_model)
+    p.add_argument("--clip-pretrained", default=Options.clip_pretrained, help="open_clip tag or local checkpoint")
+    p.add_argument("--geneval-dir", default=None, help="official backend: a djghosh13/geneval checkout")
+    p.add_argument("--geneval-python", default=Options.geneval_python, help="official backend: its environment's python")
+    p.add_argument("--geneval-model-path", default=None, help="official backend: folder of its detector checkpoint")
+    p.add_argument("--hpsv3-python", default=Options.hpsv3_python, help="a python with `pip install hpsv3`")
+    p.add_argument("--hpsv3-checkpoint", default=None, help="local HPSv3.safetensors")
+
+
+def options_from_args(args):
+    return Options(batch_size=args.score_batch_size, **{f.name: getattr(args, f.name) for f in fields(Options)
+                                                        if f.name != "batch_size" and hasattr(args, f.name)})
+
+
 def main(argv=None):
     import sample
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    metrics = dict(nargs="+", choices=["geneval", *SCALAR_METRICS], default=["geneval"],
+                   help="geneval (with --backend's detector), hpsv3, clipscore")
     s = sub.add_parser("score", help="score a GenEval-layout sample folder")
     s.add_argument("folder")
-    s.add_argument("--backend", choices=sorted(BACKENDS), default="shapes")
+    s.add_argument("--metrics", **metrics)
+    s.add_argument("--out", default=None, help="where the results go (default: the folder)")
+    add_scoring_args(s)
     c = sub.add_parser("curve", help="sample and score every checkpoint of a run")
     c.add_argument("run")
-    c.add_argument("--backend", choices=sorted(BACKENDS), default="shapes")
+    c.add_argument("--metrics", **metrics)
+    c.add_argument("--from-samples", action="store_true", help="score the run's existing sample folders, no sampling")
+    c.add_argument("--samples", default="samples", help="sample folders: <run>/<samples>/<checkpoint>")
+    c.add_argument("--curve", default="curve", help="curve files: <run>/<curve>.json, .csv, .png")
     sample.add_sampling_args(c)
+    add_scoring_args(c, "--score-batch-size")
+    g = sub.add_parser("plot", help="several runs' curves, each metric a panel, on one figure")
+    g.add_argument("runs", nargs="+")
+    g.add_argument("--metrics", nargs="+", default=["overall"], help="curve columns: overall, colors, hpsv3, ...")
+    g.add_argument("--curve", default="curve")
+    g.add_argument("--out", required=True)
+    d = sub.add_parser("compare", help="two GenEval results.jsonl of the same images: scores and agreement")
+    d.add_argument("results", nargs=2)
+    sub.add_parser("geneval-prompts", help="print the path of GenEval's 553 prompts (downloaded on first use)")
+    h = sub.add_parser("hpsv3-prompts", help="HPDv3 benchmark files or a prompt file -> GenEval-schema jsonl")
+    h.add_argument("src")
+    h.add_argument("--out", required=True)
+    b = sub.add_parser("bench-detector", help="detection + colour throughput of a backend")
+    b.add_argument("--random-init", action="store_true", help="random weights of the same architectures")
+    b.add_argument("--images", type=int, default=64)
+    b.add_argument("--image-size", type=int, default=512)
+    b.add_argument("--crops", type=int, default=2, help="objects classified for colour per image")
+    add_scoring_args(b, backends=BACKENDS)
+    b.set_defaults(backend="mask2former", score_batch_size=8)
     r = sub.add_parser("record", help="pack n runs (each with curve.json) into a record folder")
     r.add_argument("runs", nargs="+")
     r.add_argument("--name", required=True)
@@ -523,10 +1114,27 @@ def main(argv=None):
     t.add_argument("--per-tag", type=int, default=None)
     args = p.parse_args(argv)
     if args.command == "score":
-        scores = score_folder(args.folder, args.backend)
-        print("  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        scores = score_metrics(args.folder, args.metrics, args.backend, options_from_args(args), args.out)
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
     elif args.command == "curve":
         curve(args)
+    elif args.command == "plot":
+        plot_curves({run: json.loads((Path(run) / f"{args.curve}.json").read_text()) for run in args.runs},
+                    args.out, args.metrics)
+        print(f"wrote {args.out}")
+    elif args.command == "compare":
+        tasks, agreement = compare_results(*args.results)
+        for task, (a, b) in tasks.items():
+            print(f"{task:14s} {a:.4f}  {b:.4f}  difference {b - a:+.4f}")
+        print(f"images with the same verdict: {agreement:.4f}")
+    elif args.command == "geneval-prompts":
+        print(geneval_prompts_path())
+    elif args.command == "hpsv3-prompts":
+        rows = read_prompt_file(args.src)
+        data.write_metadata(args.out, rows)
+        print(f"wrote {len(rows)} prompts in {len({r['tag'] for r in rows})} categories to {args.out}")
+    elif args.command == "bench-detector":
+        bench_detector(args)
     elif args.command == "record":
         import datetime
         out = args.out or f"records/{args.track}/{datetime.date.today():%Y-%m-%d}_{args.name}"
