@@ -488,14 +488,20 @@ def official_rows(folder, options):
         command = [options.geneval_python, str(script.resolve()), str(Path(folder).resolve()), "--outfile", str(outfile)]
         if options.geneval_model_path:
             command += ["--model-path", str(Path(options.geneval_model_path).resolve())]
-        result = subprocess.run(command, cwd=options.geneval_dir, capture_output=True, text=True)
+        try:
+            result = subprocess.run(command, cwd=options.geneval_dir, capture_output=True, text=True)
+        except OSError as e:
+            raise data.DataError(f"--geneval-python {options.geneval_python}: cannot run ({e.strerror or e})") from None
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise data.DataError(f"{script}: exited with {result.returncode}: {last}")
         rows = []
         for number, line in enumerate(outfile.read_text().splitlines() if outfile.exists() else [], 1):
-            row = json.loads(line)
-            if not {"filename", "tag", "correct", "details"} <= set(row):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise data.DataError(f"{script} output line {number}: not JSON") from None
+            if not isinstance(row, dict) or not {"filename", "tag", "correct", "details"} <= set(row):
                 raise data.DataError(f"{script} output line {number}: fields filename, tag, correct, details expected")
             rows.append(row)
     if len(rows) != expected:
@@ -625,8 +631,11 @@ def hpsv3_values(paths, prompts, options):
         job = {"image_paths": [str(Path(p).resolve()) for p in paths], "prompts": prompts, "out": f"{tmp}/mu.jsonl",
                "batch_size": options.batch_size, "device": str(options.torch_device()),
                "checkpoint": options.hpsv3_checkpoint}
-        result = subprocess.run([options.hpsv3_python, "-c", HPSV3_WORKER], input=json.dumps(job), text=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            result = subprocess.run([options.hpsv3_python, "-c", HPSV3_WORKER], input=json.dumps(job), text=True,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError as e:
+            raise data.DataError(f"--hpsv3-python {options.hpsv3_python}: cannot run ({e.strerror or e})") from None
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise data.DataError(
@@ -1119,6 +1128,9 @@ def main(argv=None):
     elif args.command == "curve":
         curve(args)
     elif args.command == "plot":
+        missing = [run for run in args.runs if not (Path(run) / f"{args.curve}.json").exists()]
+        if missing:
+            raise data.DataError(f"{Path(missing[0]) / args.curve}.json: missing (run `evaluate.py curve` first)")
         plot_curves({run: json.loads((Path(run) / f"{args.curve}.json").read_text()) for run in args.runs},
                     args.out, args.metrics)
         print(f"wrote {args.out}")
