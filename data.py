@@ -760,6 +760,48 @@ def autoencoder_from_manifest(manifest, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# Synthetic shards: random contents in a track's shapes, for benchmarks (train_dit.py --bench)
+
+# The tensor shapes each track's shards hold: latents (C, H, W), views per sample, caption tokens.
+TRACK_SHAPES = {
+    "shapes": dict(latent_shape=(3, IMAGE_SIZE, IMAGE_SIZE), views=1, seq_len=16, width=512, pooled_width=512),
+    # SD-VAE latents of the image and its flip; ViT-L-14 token features (python data.py imagenet).
+    "imagenet": dict(latent_shape=(4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), views=2, seq_len=77, width=768,
+                     pooled_width=768),
+}
+
+
+def build_synthetic(out, track, n=2048, n_captions=256, seed=0):
+    """Shards of seeded random latents and text features in `track`'s shapes (built once, then reused).
+
+    They go through the same ShardDataset and Loader as real data, so a benchmark times the real
+    input path (gather, pin, copy) without needing the real data.
+    """
+    out = Path(out)
+    if (out / "manifest.json").exists() and read_manifest(out).get("synthetic") == [track, n, n_captions, seed]:
+        return out
+    shape = TRACK_SHAPES[track]
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((n, shape["views"], *shape["latent_shape"]), np.float32).astype(np.float16)
+    entries = [write_shard(out, 0, latents if shape["views"] > 1 else latents[:, 0], rng.integers(0, n_captions, n))]
+    for name, table_shape in (("text_tokens.npy", (n_captions, shape["seq_len"], shape["width"])),
+                              ("text_pooled.npy", (n_captions, shape["pooled_width"]))):
+        np.save(out / name, rng.standard_normal(table_shape, np.float32).astype(np.float16))
+    latent = {"shape": list(shape["latent_shape"]), "dtype": "float16", "mean": [0.0] * shape["latent_shape"][0],
+              "std": [1.0] * shape["latent_shape"][0], "autoencoder": "identity"}
+    if shape["views"] > 1:
+        latent["views"] = shape["views"]
+    write_manifest(out, {
+        "track": track, "synthetic": [track, n, n_captions, seed], "seed": seed, "count": n, "shards": entries,
+        "latent": latent,
+        "text": {"seq_len": shape["seq_len"], "width": shape["width"], "pooled_width": shape["pooled_width"],
+                 "files": [_file_entry(out, name) for name in ("text_tokens.npy", "text_pooled.npy")]},
+    })
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Dataset and loader
 
 class ShardDataset:
@@ -868,6 +910,8 @@ class Loader:
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.position = position  # samples consumed by batches handed out so far
+        # On the device once: a per-batch copy of a pageable CPU tensor would block the host on the GPU.
+        self.mean, self.std = dataset.mean.to(self.device), dataset.std.to(self.device)
         self.order_hash = order_hash(len(dataset), seed)
         self._queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
@@ -919,7 +963,7 @@ class Loader:
             for v in batch.values():
                 v.record_stream(current)
         self.position += self.batch_size
-        latents = (batch["latents"].float() - self.dataset.mean.to(self.device)) / self.dataset.std.to(self.device)
+        latents = (batch["latents"].float() - self.mean) / self.std
         return latents, batch["text_tokens"].float(), batch["text_pooled"].float(), batch["caption_ids"]
 
     def close(self):

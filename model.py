@@ -22,6 +22,7 @@ class DiTConfig:
     depth: int = 12
     heads: int = 6
     mlp_ratio: float = 4.0
+    qk_norm: bool = False  # RMS-normalise queries and keys per head
     text_len: int = 16  # caption token positions the model sees
     text_dim: int = 512  # width of the text tower's token features
     pooled_dim: int = 512  # width of the pooled caption embedding
@@ -92,16 +93,19 @@ class TextEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden, heads):
+    def __init__(self, hidden, heads, qk_norm=False):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
+        # QK-norm bounds the attention logits, which otherwise grow and destabilise training at high lr.
+        self.q_norm = nn.RMSNorm(hidden // heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(hidden // heads, eps=1e-6) if qk_norm else nn.Identity()
 
     def forward(self, x):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -118,10 +122,10 @@ class MLP(nn.Module):
 class DiTBlock(nn.Module):
     """Pre-norm attention + MLP with adaLN-Zero modulation from the conditioning vector."""
 
-    def __init__(self, hidden, heads, mlp_ratio):
+    def __init__(self, hidden, heads, mlp_ratio, qk_norm=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden, heads)
+        self.attn = Attention(hidden, heads, qk_norm)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(hidden, mlp_ratio)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
@@ -156,7 +160,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(cfg.hidden, cfg.input_size // p), persistent=False)
         self.t_embed = TimestepEmbedder(cfg.hidden)
         self.text_embed = TextEmbedder(cfg)
-        self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.hidden, p * p * C)
         self.initialize()
 

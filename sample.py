@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,18 +34,40 @@ NFE = 100
 
 
 @torch.no_grad()
-def sample_latents(model, noise, text_tokens, text_pooled, cfg_scale, nfe=NFE):
-    """Euler integration of the guided velocity field from t=1 (noise) to t=0, nfe evaluations."""
+def sample_latents(model, noise, text_tokens, text_pooled, cfg_scale, nfe=NFE, time_shift=1.0, cfg_interval=(0.0, 1.0)):
+    """Euler integration of the guided velocity field from t=1 (noise) to t=0, nfe evaluations.
+
+    time_shift > 1 spends more of the steps at high noise, where the layout forms (SD3's shift:
+    t -> s t / (1 + (s - 1) t)); 1 is the uniform grid. Guidance applies at the steps whose t lies
+    in cfg_interval (Kynkaanniemi et al. 2024); the others evaluate the conditional branch alone,
+    which saves the unconditional half of their FLOPs (still 1 NFE each).
+    """
     x = noise
-    times = torch.linspace(1.0, 0.0, nfe + 1, device=noise.device)
+    times = time_grid(nfe, time_shift)
+    guided = guided_steps(times, cfg_interval)
+    times = times.to(noise.device)
     b = len(x)
     tokens2, pooled2 = torch.cat([text_tokens, text_tokens]), torch.cat([text_pooled, text_pooled])
     drop = torch.arange(2 * b, device=noise.device) >= b  # second half: the null caption
     for i in range(nfe):
-        t = times[i].expand(2 * b)
-        v_cond, v_uncond = model(torch.cat([x, x]), t, tokens2, pooled2, drop).float().chunk(2)
-        x = x + (times[i + 1] - times[i]) * (v_uncond + cfg_scale * (v_cond - v_uncond))
+        if guided[i]:
+            v_cond, v_uncond = model(torch.cat([x, x]), times[i].expand(2 * b), tokens2, pooled2, drop).float().chunk(2)
+            velocity = v_uncond + cfg_scale * (v_cond - v_uncond)
+        else:
+            velocity = model(x, times[i].expand(b), text_tokens, text_pooled, None).float()
+        x = x + (times[i + 1] - times[i]) * velocity
     return x
+
+
+def time_grid(nfe=NFE, time_shift=1.0):
+    """The nfe + 1 times of the Euler steps, from 1 to 0."""
+    times = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
+    return (time_shift * times / (1 + (time_shift - 1) * times)).float()
+
+
+def guided_steps(times, cfg_interval=(0.0, 1.0)):
+    """Per step: True where guidance applies (both branches evaluated)."""
+    return [cfg_interval[0] <= t <= cfg_interval[1] for t in times[:-1].tolist()]
 
 
 def image_noise(shape, seed, prompt_index, sample_index):
@@ -66,9 +89,10 @@ class Sampler:
     """Samples checkpoints of one run; the model is built (and compiled) once, weights swapped in."""
 
     def __init__(self, manifest, prompts, encoder, device="cpu", images_per_prompt=4, cfg_scale=4.0,
-                 batch_size=256, seed=0, weights="ema", compile=False):
+                 batch_size=256, seed=0, weights="ema", compile=False, time_shift=1.0, cfg_interval=(0.0, 1.0)):
         self.manifest, self.prompts, self.device = manifest, prompts, device
         self.images_per_prompt, self.cfg_scale, self.batch_size = images_per_prompt, cfg_scale, batch_size
+        self.time_shift, self.cfg_interval = time_shift, tuple(cfg_interval)
         self.seed, self.weights, self.compile = seed, weights, compile
         self.autoencoder = data.autoencoder_from_manifest(manifest, device)
         self.latent_shape = tuple(manifest["latent"]["shape"])
@@ -104,7 +128,8 @@ class Sampler:
             idx = torch.tensor([i for i, _ in padded])
             with autocast:
                 latents = sample_latents(self.forward, noise, self.tokens[idx].to(self.device),
-                                         self.pooled[idx].to(self.device), self.cfg_scale)
+                                         self.pooled[idx].to(self.device), self.cfg_scale,
+                                         time_shift=self.time_shift, cfg_interval=self.cfg_interval)
             for (i, j), image in zip(chunk, self.autoencoder.decode(latents[:len(chunk)]).numpy()):
                 images[i, j] = image
         if world_size > 1:
@@ -122,6 +147,7 @@ class Sampler:
         ckpt = self.load(ckpt_path)
         images = self.images()
         info = {"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": self.cfg_scale,
+                "time_shift": self.time_shift, "cfg_interval": list(self.cfg_interval),
                 "weights": self.weights, "seed": self.seed, "images_per_prompt": self.images_per_prompt,
                 **{k: ckpt[k] for k in ("train_seconds", "step", "images_seen", "params")}}
         if images is None:  # not rank 0: rank 0 writes
@@ -197,6 +223,9 @@ def add_sampling_args(p):
     p.add_argument("--per-tag", type=int, default=None, help="only the first N prompts of each tag")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--time-shift", type=float, default=1.0, help="> 1: more steps at high noise (SD3 shift)")
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"),
+                   help="guide only the steps with t in [LO, HI]; the others skip the unconditional branch")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
@@ -215,15 +244,68 @@ def sampler_from_args(args, ckpt_path):
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     encoder = data.text_encoder_from_manifest(manifest, device)
     return Sampler(manifest, select_prompts(prompts, args.per_tag), encoder, device, args.images_per_prompt,
-                   args.cfg_scale, args.batch_size, args.seed, args.weights, args.compile)
+                   args.cfg_scale, args.batch_size, args.seed, args.weights, args.compile, args.time_shift,
+                   args.cfg_interval)
+
+
+def benchmark(args):
+    """100-NFE sampling of a random-init model at a track's shapes: img/s and forward MFU.
+
+    Weights do not change the work, so no checkpoint is needed. FLOPs per image are the counted
+    forward FLOPs times the evaluations: 2 per guided step (cond + uncond), 1 per unguided one.
+    """
+    from train_dit import matmul_peak_flops
+    shape = data.TRACK_SHAPES[args.bench]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = dit.DiTConfig(input_size=shape["latent_shape"][1], in_channels=shape["latent_shape"][0],
+                        patch_size=args.patch_size, text_len=shape["seq_len"], text_dim=shape["width"],
+                        pooled_dim=shape["pooled_width"], **dit.PRESETS[args.model])
+    model = dit.DiT(cfg).to(device).eval()
+    forward = torch.compile(model) if args.compile else model
+    g = torch.Generator().manual_seed(0)
+    noise, tokens, pooled = (torch.randn((args.batch_size, *s), generator=g).to(device)
+                             for s in (shape["latent_shape"], (shape["seq_len"], shape["width"]), (shape["pooled_width"],)))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def run(cfg_interval, nfe=NFE):
+        with autocast:
+            latents = sample_latents(forward, noise, tokens, pooled, args.cfg_scale, nfe, args.time_shift, cfg_interval)
+        latents.sum().item()
+
+    run((0.75, 1.0), nfe=2)  # compiles both batch shapes: step 1 guided (2B images), step 2 not (B)
+    peak = matmul_peak_flops(device) if device.type == "cuda" else None
+    for cfg_interval in dict.fromkeys([(0.0, 1.0), tuple(args.cfg_interval)]):  # full CFG, then the interval asked
+        start = time.perf_counter()
+        run(cfg_interval)
+        seconds = time.perf_counter() - start
+        guided = sum(guided_steps(time_grid(NFE, args.time_shift), cfg_interval))
+        evaluations = NFE + guided
+        flops = dit.flops_per_image(cfg, training=False) * evaluations * args.batch_size
+        line = (f"sample bench | {args.model}/{args.patch_size} {args.bench} | batch {args.batch_size} | compile "
+                f"{args.compile} | {NFE} NFE, cfg interval {cfg_interval}: {guided} guided steps, {evaluations} "
+                f"forward passes per image ({100 * (1 - evaluations / (2 * NFE)):.0f}% fewer FLOPs than full CFG) | "
+                f"{seconds:.2f} s | {args.batch_size / seconds:.2f} img/s | "
+                f"{args.batch_size * evaluations / seconds:.0f} forward img/s")
+        if peak:
+            line += (f" | {flops / seconds / 1e12:.0f} TFLOP/s of {peak / 1e12:.0f} measured bf16 peak | "
+                     f"MFU {100 * flops / seconds / peak:.1f}% | peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        print(line)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint file or a run directory")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file or a run directory")
     p.add_argument("--out", default=None, help="output folder (default: <run>/samples/<checkpoint name>)")
     add_sampling_args(p)
+    b = p.add_argument_group("benchmark (no checkpoint: a random-init model at a track's shapes)")
+    b.add_argument("--bench", choices=sorted(data.TRACK_SHAPES), default=None)
+    b.add_argument("--model", choices=sorted(dit.PRESETS), default="XL")
+    b.add_argument("--patch-size", type=int, default=2)
     args = p.parse_args(argv)
+    if args.bench:
+        return benchmark(args)
+    if not args.checkpoint:
+        p.error("a checkpoint or run directory is required (or --bench TRACK)")
     ckpts = checkpoints_of(args.checkpoint)
     sampler = sampler_from_args(args, ckpts[0])
     for ckpt in ckpts:

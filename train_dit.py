@@ -54,11 +54,15 @@ class Hyperparameters:
     # model
     model: str = "S"  # width/depth preset in model.PRESETS
     patch_size: int = 4
+    qk_norm: bool = False  # RMS-normalise queries and keys per head (stabilises attention at high lr)
     prediction: str = "image"  # "image" (x-prediction, turned into velocity) or "velocity"; see model.py
     # optimisation
     batch_size: int = 256  # global batch, split evenly over ranks
     micro_batch_size: int = 0  # per-rank forward/backward chunk, gradients accumulated (0: the whole rank batch)
-    lr: float = 3e-4
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
+    lr: float = 3e-4  # AdamW learning rate
+    muon_lr: float = 0.02  # Muon learning rate (with --optimizer muon)
+    muon_momentum: float = 0.95
     lr_warmup_steps: int = 100
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -83,13 +87,19 @@ class Hyperparameters:
     resume: str = ""  # checkpoint to continue from
     verify_full: bool = False  # hash every byte of the data at start (default: sizes + sampled sha256 windows)
     wandb: bool = False  # log to wandb (if installed)
+    # benchmark mode: time steps on synthetic shards of a track's shapes, print a table, write no checkpoint
+    bench: str = ""  # "shapes" or "imagenet" (4x32x32 latents, 77 caption tokens); "" trains
+    bench_steps: int = 30  # timed steps per measurement
+    bench_profile: bool = False  # also print the top GPU kernels by time (torch.profiler)
 
 
 # Presets are data: named overrides of the defaults above. CLI flags override a preset.
 PRESETS = {
     # S/8 over S/4 (H100, lr 1e-3, 150 s): overall 0.488 vs ~0.45; 64 image tokens give 3x the images/s.
+    # Muon + QK-norm (H100, 100 s): overall 0.523 vs 0.408 with AdamW; Muon without QK-norm diverged at
+    # step ~1300 (records/shapes-baseline-tuning.md).
     "shapes-gpu": dict(data="data/shapes", out="runs/shapes", model="S", patch_size=8, batch_size=512,
-                       lr=1e-3, budget_seconds=300, ckpt_every_seconds=30, log_every=25),
+                       optimizer="muon", qk_norm=True, lr=1e-3, budget_seconds=300, ckpt_every_seconds=30, log_every=25),
     "shapes-cpu": dict(data="data/shapes-cpu", out="runs/shapes-cpu", model="tiny", patch_size=8,
                        batch_size=32, lr=1e-3, lr_warmup_steps=20, ema_decay=0.99, budget_seconds=300,
                        ckpt_every_seconds=100, log_every=10, compile=False),
@@ -102,13 +112,13 @@ PRESETS = {
 
 # Allowed values, checked when the flags are read: a bad value fails at once, naming its flag,
 # instead of deep in the run (a zero log_every, a NaN learning rate, a seed numpy refuses).
-CHOICES = {"model": sorted(dit.PRESETS), "prediction": ["image", "velocity"],
-           "time_sampling": ["logit_normal", "uniform"]}
+CHOICES = {"model": sorted(dit.PRESETS), "prediction": ["image", "velocity"], "optimizer": ["adamw", "muon"],
+           "time_sampling": ["logit_normal", "uniform"], "bench": ["", *sorted(data.TRACK_SHAPES)]}
 RANGES = [
-    (("patch_size", "batch_size", "log_every", "ckpt_every_seconds"), "> 0", lambda v: v > 0),
-    (("lr", "lr_warmup_steps", "weight_decay", "grad_clip", "time_std", "budget_seconds", "max_steps",
+    (("patch_size", "batch_size", "log_every", "ckpt_every_seconds", "bench_steps"), "> 0", lambda v: v > 0),
+    (("lr", "muon_lr", "lr_warmup_steps", "weight_decay", "grad_clip", "time_std", "budget_seconds", "max_steps",
       "compile_warmup_steps", "micro_batch_size"), ">= 0", lambda v: v >= 0),
-    (("beta1", "beta2"), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("beta1", "beta2", "muon_momentum"), "in [0, 1)", lambda v: 0 <= v < 1),
     (("ema_decay", "text_dropout"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("time_mean",), "finite", math.isfinite),
     (("seed",), "in [0, 2**31)", lambda v: 0 <= v < 2 ** 31),
@@ -172,10 +182,10 @@ def main(hp: Hyperparameters):
     # Logging: the log starts with the code and the environment of the run
 
     out = Path(hp.out)
-    if not hp.resume and list((out / "checkpoints").glob("*.pt")):
+    if not hp.resume and not hp.bench and list((out / "checkpoints").glob("*.pt")):
         # A second run into the same folder would mix two runs' logs and curves.
         raise data.DataError(f"{out / 'checkpoints'}: already holds checkpoints; pass --resume or another --out")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out if hp.bench else out / "checkpoints").mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.txt", "a") if master else None
 
     def log(msg, echo=True):
@@ -201,6 +211,8 @@ def main(hp: Hyperparameters):
     # =========================================================================
     # Data: the fixed seeded order, split over ranks
 
+    if hp.bench:  # random shards in the track's shapes, through the real dataset and loader code
+        hp.data = str(data.build_synthetic(f"data/bench-{hp.bench}", hp.bench))
     dataset = data.ShardDataset(hp.data, verify="full" if hp.verify_full else "fast")
     data_hash = data.order_hash(len(dataset), hp.seed)
     log(f"data: {hp.data} track={dataset.manifest['track']} samples={len(dataset)} "
@@ -213,7 +225,7 @@ def main(hp: Hyperparameters):
     text = dataset.manifest["text"]
     cfg = dit.DiTConfig(input_size=latent_h, in_channels=latent_c, patch_size=hp.patch_size,
                         text_len=text["seq_len"], text_dim=text["width"], pooled_dim=text["pooled_width"],
-                        prediction=hp.prediction,
+                        prediction=hp.prediction, qk_norm=hp.qk_norm,
                         **dit.PRESETS[hp.model])
     raw_model = dit.DiT(cfg).to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)
@@ -221,13 +233,22 @@ def main(hp: Hyperparameters):
     flops_per_image = dit.flops_per_image(cfg)
     log(f"model: {hp.model} {asdict(cfg)}\nparams: {n_params:,}  training GFLOP/image: {flops_per_image / 1e9:.2f}")
 
+    # Muon takes the blocks' weight matrices; AdamW the rest (embeddings, output, norms, biases).
+    muon_params = [p for name, p in raw_model.named_parameters()
+                   if hp.optimizer == "muon" and name.startswith("blocks.") and p.ndim == 2]
     decay, no_decay = [], []
     for name, p in raw_model.named_parameters():
-        (decay if p.ndim >= 2 and "null" not in name else no_decay).append(p)
+        if not any(p is q for q in muon_params):
+            (decay if p.ndim >= 2 and "null" not in name else no_decay).append(p)
     # Fused on the CPU too: its found_inf hook is how skip_nonfinite skips a step without a host sync.
-    optimizer = torch.optim.AdamW(
+    optimizers = [torch.optim.AdamW(
         [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=hp.lr, betas=(hp.beta1, hp.beta2), fused=True)
+        lr=hp.lr, betas=(hp.beta1, hp.beta2), fused=True)]
+    if muon_params:
+        optimizers.append(Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.weight_decay))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]
     model = DDP(raw_model, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else raw_model
     if hp.compile and use_cuda:
         model = torch.compile(model)
@@ -240,7 +261,8 @@ def main(hp: Hyperparameters):
             raise data.DataError(f"{hp.resume}: cannot resume from it, it lacks {missing} (an older train_dit.py?)")
         load_weights(raw_model, ckpt["model"], hp.resume)
         load_weights(ema, ckpt["ema"], hp.resume)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
+            opt.load_state_dict(state)
         step, train_seconds, position = ckpt["step"], ckpt["train_seconds"], ckpt["loader_position"]
         # The batch draws below depend on (seed, step) alone; the global RNG is restored for any edit
         # that draws from it (dropout, ...), so that resuming stays bit-exact.
@@ -273,8 +295,8 @@ def main(hp: Hyperparameters):
         """One update; returns the loss and the gradient norm, on the device (read once per log interval)."""
         noise, t, drop = draw(step)
         x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
-        for group in optimizer.param_groups:
-            group["lr"] = hp.lr * min(1.0, (step + 1) / max(hp.lr_warmup_steps, 1))
+        for group in (g for opt in optimizers for g in opt.param_groups):
+            group["lr"] = group["peak_lr"] * min(1.0, (step + 1) / max(hp.lr_warmup_steps, 1))
         micro = hp.micro_batch_size or per_rank
         loss = 0.0
         for start in range(0, per_rank, micro):
@@ -295,14 +317,16 @@ def main(hp: Hyperparameters):
         # EMA warm-up: a fixed 0.999 would keep 43% of the random init after 850 steps.
         ema_weight = 1 - min(hp.ema_decay, (1 + step) / (10 + step))
         if hp.skip_nonfinite:
-            # Fused AdamW skips its whole update on the device where found_inf is nonzero (the hook
-            # torch.amp.GradScaler uses), so skipping costs no host sync. The EMA step is masked alike,
-            # with one 0-dim weight per tensor (the scalar-weight lerp would read it on the host).
+            # Fused AdamW (and Muon) skip their whole update on the device where found_inf is nonzero
+            # (the hook torch.amp.GradScaler uses), so skipping costs no host sync. The EMA step is masked
+            # alike, with one 0-dim weight per tensor (the scalar-weight lerp would read it on the host).
             skip = (~torch.isfinite(grad_norm)).float()
-            optimizer.found_inf = skip
+            for opt in optimizers:
+                opt.found_inf = skip
             ema_weight = [ema_weight * (1 - skip)] * len(ema_params)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, ema_weight)
         return loss.detach(), grad_norm.detach()
@@ -311,7 +335,7 @@ def main(hp: Hyperparameters):
     # Compile warm-up, untimed and undone
 
     if hp.compile and use_cuda and hp.compile_warmup_steps > 0:
-        saved = [copy.deepcopy(m.state_dict()) for m in (raw_model, ema, optimizer)]
+        saved = [copy.deepcopy(m.state_dict()) for m in (raw_model, ema, *optimizers)]
         warm_loader = data.Loader(dataset, hp.batch_size, hp.seed, position, rank, world_size, device)
         batch = next(warm_loader)
         warm_loader.close()
@@ -320,9 +344,22 @@ def main(hp: Hyperparameters):
             for i in range(hp.compile_warmup_steps):
                 train_step(step + i, *batch[:3])
         sync()
-        for m, state in zip((raw_model, ema, optimizer), saved):
+        for m, state in zip((raw_model, ema, *optimizers), saved):
             m.load_state_dict(state)
         log(f"compile warm-up: {hp.compile_warmup_steps} steps in {time.perf_counter() - t0:.1f} s (untimed, undone)")
+
+    # =========================================================================
+    # Benchmark mode (--bench): time the training step above, print the numbers, stop
+
+    if hp.bench:
+        report = benchmark(hp, cfg, n_params, train_step, dataset, step, rank, world_size, device, sync)
+        log(format_bench(report))
+        if master:
+            with open(out / "bench.jsonl", "a") as f:
+                f.write(json.dumps(report) + "\n")
+        if world_size > 1:
+            dist.destroy_process_group()
+        return
 
     # =========================================================================
     # Training loop: checkpoints on marks of the training clock
@@ -347,7 +384,7 @@ def main(hp: Hyperparameters):
         path = out / "checkpoints" / f"ckpt_{step:07d}.pt"
         if master:
             atomic_save({
-                "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": raw_model.state_dict(), "ema": ema.state_dict(), "optimizer": [opt.state_dict() for opt in optimizers],
                 "model_config": asdict(cfg), "hparams": asdict(hp), "step": step, "train_seconds": train_seconds,
                 "images_seen": step * hp.batch_size, "params": n_params, "data_order_hash": data_hash,
                 "loader_position": loader.position, "data": str(hp.data), "world_size": world_size,
@@ -439,6 +476,141 @@ def main(hp: Hyperparameters):
         log(f"done: {step} steps, {train_seconds:.1f} s of training clock, {step * hp.batch_size} images")
     if world_size > 1:
         dist.destroy_process_group()
+
+
+# =============================================================================
+# Benchmark: throughput, MFU against a matmul peak measured in this process, memory, loader share
+
+
+def matmul_peak_flops(device, n=8192, iters=50):
+    """FLOP/s of a large bf16 matmul on this device: the ceiling MFU is measured against."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+def benchmark(hp, cfg, n_params, train_step, dataset, step, rank, world_size, device, sync):
+    """Times hp.bench_steps training steps twice: on one batch reused (the step alone) and fed by the
+    loader (the step as training runs it); their difference is the loader's share of the step."""
+    loader = data.Loader(dataset, hp.batch_size, hp.seed, 0, rank, world_size, device)
+    batch = next(loader)
+
+    def timed(next_batch):
+        sync()
+        start = time.perf_counter()
+        for i in range(hp.bench_steps):
+            loss, _ = train_step(step + i, *next_batch()[:3])
+        loss.item()  # one host sync, at the end
+        sync()
+        return (time.perf_counter() - start) / hp.bench_steps
+
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    # Alternated, best of two each: a GPU that warms up and clocks down would bias a fixed order.
+    step_alone, step_fed = (min(pair) for pair in zip(*[(timed(lambda: batch), timed(lambda: next(loader)))
+                                                      for _ in range(2)]))
+    loader.close()
+    flops = dit.flops_per_image(cfg)
+    report = {"model": f"{hp.model}/{cfg.patch_size}", "track": hp.bench, "latent": dataset.latent_shape,
+              "text_tokens": cfg.text_len, "batch": hp.batch_size, "world_size": world_size,
+              "optimizer": hp.optimizer, "compile": bool(hp.compile and use_cuda), "params": n_params,
+              "gflop_per_image": flops / 1e9, "ms_per_step": 1e3 * step_alone, "img_per_s": hp.batch_size / step_alone,
+              "loader_share": step_fed / step_alone - 1, "device": torch.cuda.get_device_name(device) if use_cuda else "cpu",
+              "torch": torch.__version__}
+    if use_cuda:
+        peak = matmul_peak_flops(device)
+        achieved = flops * hp.batch_size / world_size / step_alone  # per GPU
+        report.update(peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30, tflops=achieved / 1e12,
+                      matmul_peak_tflops=peak / 1e12, mfu=achieved / peak)
+        if hp.bench_profile:
+            report["top_kernels"] = profile_kernels(lambda i: train_step(step + i, *batch[:3]), device)
+    return report
+
+
+def profile_kernels(run_step, device, steps=5, top=15):
+    """[(kernel name, ms per step, share of GPU time)] of the most expensive GPU kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            run_step(i)
+        torch.cuda.synchronize(device)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels)
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    return [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.self_device_time_total / total) for e in kernels[:top]]
+
+
+def format_bench(r):
+    line = (f"bench | {r['model']} {r['track']} {'x'.join(map(str, r['latent']))} + {r['text_tokens']} text tokens | "
+            f"batch {r['batch']} | {r['optimizer']} | compile {r['compile']} | params {r['params'] / 1e6:.1f}M | "
+            f"{r['gflop_per_image']:.1f} GFLOP/img | {r['ms_per_step']:.1f} ms/step | {r['img_per_s']:.0f} img/s | "
+            f"loader share {100 * r['loader_share']:+.1f}%")
+    if "mfu" in r:
+        line += (f" | {r['tflops']:.0f} TFLOP/s of {r['matmul_peak_tflops']:.0f} measured bf16 peak | "
+                 f"MFU {100 * r['mfu']:.1f}% | peak mem {r['peak_mem_gib']:.1f} GiB")
+    for name, ms, share in r.get("top_kernels", []):
+        line += f"\n  {ms:8.2f} ms/step {100 * share:5.1f}%  {name}"
+    return line
+
+
+# =============================================================================
+# Muon: momentum, then the update matrix orthogonalised (Keller Jordan's optimizer for hidden matrices)
+
+
+def orthogonalize(g, steps=5):
+    """U V^T of the SVD of each matrix in g (..., rows, cols), approximately: a quintic Newton-Schulz
+    iteration in bf16. Its coefficients push every singular value into about [0.7, 1.2] in 5 steps,
+    an inexact orthogonalisation that Muon tolerates, for a fraction of the cost of an SVD.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    tall = g.size(-2) > g.size(-1)
+    x = x.mT if tall else x  # iterate on the smaller Gram matrix
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose update is orthogonalised and scaled to the matrix's shape.
+
+    Matrices of one shape are orthogonalised together, as one batch. Like fused AdamW, a nonzero
+    `found_inf` tensor (set by the trainer) skips the update on the device, without a host sync.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.found_inf = None
+
+    @torch.no_grad()
+    def step(self):
+        keep = 1.0 if self.found_inf is None else 1 - self.found_inf
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for (rows, cols), params in by_shape.items():
+                momenta = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+                grads = [p.grad for p in params]
+                if self.found_inf is not None:  # lerp(m, m) = m: a skipped step leaves the momentum as it was
+                    grads = [torch.where(self.found_inf > 0, m, g) for m, g in zip(momenta, grads)]
+                torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
+                nesterov = torch.stack([g.lerp(m, group["momentum"]) for g, m in zip(grads, momenta)])
+                # max(1, rows/cols)^0.5: a tall matrix's orthogonal update has the RMS of a square one.
+                updates = orthogonalize(nesterov) * (keep * group["lr"] * max(1.0, rows / cols) ** 0.5)
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - keep * group["lr"] * group["weight_decay"])
+                torch._foreach_sub_(params, list(updates.unbind(0)))
 
 
 # =============================================================================

@@ -30,10 +30,10 @@ def build_data(out, seed=0, workers=1):
                              text_overrides=TINY_TEXT, log=lambda *a: None)
 
 
-def run_cli(*args, timeout=300):
-    """Run `python <args>` from the repository root; returns the CompletedProcess (text mode)."""
+def run_cli(*args, timeout=300, cwd=REPO):
+    """Run `python <args>` from the repository root (or cwd); returns the CompletedProcess (text mode)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 

@@ -41,11 +41,12 @@ def assert_same_training_state(a, b):
         assert a[weights].keys() == b[weights].keys()
         for name in a[weights]:
             assert torch.equal(a[weights][name], b[weights][name]), f"{weights}.{name} differs"
-    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys() and sa
-    for i in sa:
-        for key in sa[i]:
-            assert torch.equal(sa[i][key], sb[i][key]), f"optimizer state {i}.{key} differs"
+    assert len(a["optimizer"]) == len(b["optimizer"])
+    for sa, sb in zip((o["state"] for o in a["optimizer"]), (o["state"] for o in b["optimizer"])):
+        assert sa.keys() == sb.keys() and sa
+        for i in sa:
+            for key in sa[i]:
+                assert torch.equal(sa[i][key], sb[i][key]), f"optimizer state {i}.{key} differs"
 
 
 def ckpt_name(step):

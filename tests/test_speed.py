@@ -1,0 +1,136 @@
+"""Muon, QK-norm, the benchmark modes, synthetic shards, and the sampler's time grid and CFG interval."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import model as dit
+import sample
+import train_dit
+from conftest import REPO, TRAIN_STEPS, logged_losses, run_cli, train
+from test_reliability import assert_same_training_state, load, poisoned_data  # noqa: F401 (a fixture)
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+
+@pytest.mark.parametrize("rows, cols", [(48, 16), (16, 48), (32, 32)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_orthogonalize_brings_every_singular_value_near_one(rows, cols, scale):
+    g = torch.Generator().manual_seed(0)
+    k = min(rows, cols)
+    u = torch.linalg.qr(torch.randn(3, rows, k, generator=g))[0]
+    v = torch.linalg.qr(torch.randn(3, cols, k, generator=g))[0]
+    spectrum = scale * torch.logspace(-1, 0, k)  # singular values spread over 10x
+    m = u @ torch.diag(spectrum) @ v.mT
+    out = train_dit.orthogonalize(m).float()
+    s = torch.linalg.svdvals(out)
+    assert s.min() > 0.6 and s.max() < 1.25, s
+    # U V^T: the same singular vectors, so out^T m is symmetric positive definite
+    assert torch.linalg.eigvalsh(0.5 * (out.mT @ m + m.mT @ out)).min() > -1e-3 * scale
+
+
+def test_muon_with_qk_norm_resumes_bit_exactly(shapes_data, tmp_path):
+    flags = ("--optimizer", "muon", "--qk_norm", "true", "--ckpt_every_seconds", "0.0001")
+    full = train(shapes_data, tmp_path / "full", 0, *flags)
+    half = full / "checkpoints" / f"ckpt_{TRAIN_STEPS // 2:07d}.pt"
+    ckpt = load(half)
+    assert len(ckpt["optimizer"]) == 2 and ckpt["optimizer"][1]["state"]  # AdamW, then Muon with momentum
+    assert any("q_norm" in k for k in ckpt["model"])
+    resumed = train(shapes_data, tmp_path / "resumed", 0, *flags, "--resume", half)
+    last = f"ckpt_{TRAIN_STEPS:07d}.pt"
+    assert_same_training_state(load(full / "checkpoints" / last), load(resumed / "checkpoints" / last))
+    losses = logged_losses(resumed)
+    assert losses == {s: logged_losses(full)[s] for s in losses}
+    adamw = logged_losses(train(shapes_data, tmp_path / "adamw", 0))
+    assert adamw[TRAIN_STEPS] != logged_losses(full)[TRAIN_STEPS]  # Muon changed the run
+
+
+def test_muon_skips_a_nonfinite_step_whole(poisoned_data, tmp_path):
+    root, poisoned_steps = poisoned_data
+    run = train(root, tmp_path / "run", 0, "--optimizer", "muon", "--skip_nonfinite", "true", "--text_dropout", 0,
+                "--max_steps", 6, "--log_every", 4, "--ckpt_every_seconds", "0.0001")
+    assert [s for s in poisoned_steps if s <= 6] == [5, 6]
+    before, after = load(run / "checkpoints" / "ckpt_0000004.pt"), load(run / "checkpoints" / "ckpt_0000006.pt")
+    assert_same_training_state(before, after)  # Muon's momentum and the weights included
+
+
+# -----------------------------------------------------------------------------
+# Benchmark mode and synthetic shards
+
+
+def test_synthetic_shards_have_the_track_shapes_and_are_built_once(tmp_path):
+    root = data.build_synthetic(tmp_path / "syn", "imagenet", n=64, n_captions=8)
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    dataset = data.ShardDataset(root, verify="full")
+    shape = data.TRACK_SHAPES["imagenet"]
+    assert len(dataset) == 64 and dataset.latent_shape == shape["latent_shape"] and dataset.views == 2
+    loader = data.Loader(dataset, 4, seed=0)
+    latents, tokens, pooled, _ = next(loader)
+    loader.close()
+    assert latents.shape == (4, 4, 32, 32) and tokens.shape == (4, 77, 768) and pooled.shape == (4, 768)
+    assert data.build_synthetic(tmp_path / "syn", "imagenet", n=64, n_captions=8) == root
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rewritten
+    data.build_synthetic(tmp_path / "syn", "imagenet", n=32, n_captions=8)
+    assert len(data.ShardDataset(root)) == 32  # another size is rebuilt
+
+
+def test_train_bench_times_the_step_and_writes_no_checkpoint(tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli(REPO / "train_dit.py", "--bench", "shapes", "--model", "tiny", "--patch_size", 8, "--batch_size", 8,
+                     "--bench_steps", 2, "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "bench.jsonl").read_text().splitlines()[-1])
+    assert report["model"] == "tiny/8" and report["latent"] == [3, 64, 64] and report["text_tokens"] == 16
+    assert report["img_per_s"] == pytest.approx(8 / (report["ms_per_step"] / 1e3))
+    cfg = dit.DiTConfig(patch_size=8, **dit.PRESETS["tiny"])
+    assert report["gflop_per_image"] == pytest.approx(dit.flops_per_image(cfg) / 1e9)
+    assert report["params"] == dit.param_count(dit.DiT(cfg))
+    assert "bench | tiny/8 shapes 3x64x64 + 16 text tokens | batch 8" in result.stdout
+    log = (out / "log.txt").read_text()
+    assert "==================== train_dit.py" in log and "bench | tiny/8" in log
+    assert not (out / "checkpoints").exists()
+
+
+def test_sample_bench_counts_the_forward_passes_of_interval_cfg():
+    result = run_cli("sample.py", "--bench", "shapes", "--model", "tiny", "--patch-size", 8, "--batch-size", 1,
+                     "--cfg-interval", 0.1, 0.75)
+    assert result.returncode == 0, result.stderr[-3000:]
+    full, interval = result.stdout.strip().splitlines()
+    assert "100 guided steps, 200 forward passes per image (0% fewer FLOPs" in full
+    assert "66 guided steps, 166 forward passes per image (17% fewer FLOPs" in interval
+
+
+# -----------------------------------------------------------------------------
+# Sampler: time grid and CFG interval
+
+
+def test_time_grid_runs_from_one_to_zero_and_the_shift_moves_steps_to_high_noise():
+    plain, shifted = sample.time_grid(100, 1.0), sample.time_grid(100, 3.0)
+    assert torch.allclose(plain, torch.linspace(1, 0, 101))
+    assert shifted[0] == 1 and shifted[-1] == 0 and bool((shifted[1:] < shifted[:-1]).all())
+    assert (plain > 0.5).sum() == 50 and (shifted > 0.5).sum() == 75  # s t / (1 + 2 t) > 0.5  <=>  t > 0.25
+    # t in [0.1, 0.75] on the uniform grid: t = 1 - i/100 for i = 25 ... 90
+    assert sum(sample.guided_steps(plain, (0.1, 0.75))) == 66
+
+
+def test_unguided_steps_evaluate_the_conditional_branch_alone():
+    torch.manual_seed(0)
+    cfg = dit.DiTConfig(input_size=8, patch_size=4, text_len=4, text_dim=8, pooled_dim=8, **dit.PRESETS["tiny"])
+    net = dit.DiT(cfg).eval()
+    for p in net.parameters():  # DiT's zero init makes every output 0: give the blocks something to say
+        p.data += 0.05 * torch.randn_like(p)
+    calls = []
+    counting = lambda x, *a: calls.append(len(x)) or net(x, *a)
+    noise, tokens, pooled = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8), torch.randn(2, 8)
+    never = sample.sample_latents(counting, noise, tokens, pooled, 4.0, nfe=10, cfg_interval=(2.0, 3.0))
+    assert calls == [2] * 10  # one batch of B images per step: no unconditional branch
+    scale_one = sample.sample_latents(net, noise, tokens, pooled, 1.0, nfe=10)
+    assert torch.allclose(never, scale_one, atol=1e-5)  # cond alone == guidance at scale 1
+    calls.clear()
+    part = sample.sample_latents(counting, noise, tokens, pooled, 4.0, nfe=10, cfg_interval=(0.0, 0.55))
+    assert calls == [2] * 5 + [4] * 5  # t = 1.0 ... 0.6 unguided, t = 0.5 ... 0.1 guided (2B)
+    assert not torch.allclose(part, never, atol=1e-3)
