@@ -4,11 +4,11 @@
 #   ./run.sh                                   # GenEval-Shapes, on the GPU(s) if any, else on the CPU
 #   ./run.sh --preset shapes-gpu --budget 600 --out runs/mine
 #   ./run.sh --per-tag 10                      # score only the first 10 prompts of each tag
-#   ./run.sh imagenet /path/to/imagenet/train --prompts evaluation_metadata.jsonl
+#   ./run.sh imagenet /path/to/imagenet/train  # GenEval's 553 prompts, scored with --backend mask2former
 #
 # Options: track (shapes or imagenet [SRC]), --preset NAME (train_dit.py PRESETS), --budget SECONDS
 # (training clock), --out DIR, --per-tag N (prompts per tag to score; default all on GPU, 5 on CPU),
-# --prompts FILE (GenEval metadata to sample on; ImageNet).
+# --prompts FILE (GenEval metadata to sample on; ImageNet default: the official file, downloaded once).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,9 +29,8 @@ while [ $# -gt 0 ]; do
        else echo "error: unexpected argument $1 (see ./run.sh --help)" >&2; exit 2; fi ;;
   esac
 done
-if [ "$track" = imagenet ] && { [ -z "$src" ] || [ -z "$prompts" ]; }; then
-  echo "error: imagenet needs the train folder and GenEval's prompts to sample on:" \
-       "./run.sh imagenet /path/to/train --prompts evaluation_metadata.jsonl" >&2; exit 2
+if [ "$track" = imagenet ] && [ -z "$src" ]; then
+  echo "error: imagenet needs the ImageNet train folder: ./run.sh imagenet /path/to/train" >&2; exit 2
 fi
 
 PY=${PYTHON:-python3}
@@ -66,15 +65,11 @@ args=(--preset "$preset" --data "$data_dir" --out "$out")
 if [ -n "$budget" ]; then args+=(--budget_seconds "$budget"); fi
 launch train_dit.py "${args[@]}"
 
-if [ "$track" = imagenet ]; then
-  echo "== sampling (100 NFE) every checkpoint on $prompts"
-  $PY sample.py "$out" --prompts "$prompts" ${per_tag:+--per-tag "$per_tag"}
-  echo "samples: $out/samples/<checkpoint>/  (GenEval/HPSv3 scoring: README, 'Tracks')"
-  exit 0
-fi
 echo "== sampling (100 NFE) and scoring every checkpoint"
 curve_args=("$out")
 if [ -n "$per_tag" ]; then curve_args+=(--per-tag "$per_tag"); fi
+if [ -n "$prompts" ]; then curve_args+=(--prompts "$prompts"); fi
+if [ "$track" = imagenet ]; then curve_args+=(--backend mask2former); fi  # GenEval's rules, reported as geneval-m2f
 if [ "$gpus" -gt 0 ]; then curve_args+=(--compile); fi
 $PY evaluate.py curve "${curve_args[@]}"
 

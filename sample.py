@@ -236,10 +236,14 @@ def sampler_from_args(args, ckpt_path):
     """A Sampler for a run's checkpoints, from the command-line sampling options."""
     data_dir = args.data or load_checkpoint(ckpt_path)["data"]
     manifest = data.read_manifest(data_dir)
-    if not args.prompts and not manifest.get("eval_metadata"):
-        raise data.DataError(f"{Path(data_dir) / 'manifest.json'}: this data has no evaluation prompts; "
-                             f"pass --prompts FILE (GenEval's evaluation_metadata.jsonl for ImageNet)")
-    prompts = data.read_metadata(args.prompts or Path(data_dir) / manifest["eval_metadata"])
+    if args.prompts:
+        prompts_path = args.prompts
+    elif manifest.get("eval_metadata"):  # Shapes: the data's own evaluation list
+        prompts_path = Path(data_dir) / manifest["eval_metadata"]
+    else:  # ImageNet: GenEval's official 553 prompts, downloaded once into the cache
+        import evaluate
+        prompts_path = evaluate.geneval_prompts_path()
+    prompts = data.read_metadata(prompts_path)
     distributed()
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     encoder = data.text_encoder_from_manifest(manifest, device)

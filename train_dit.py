@@ -212,7 +212,11 @@ def main(hp: Hyperparameters):
     # Data: the fixed seeded order, split over ranks
 
     if hp.bench:  # random shards in the track's shapes, through the real dataset and loader code
-        hp.data = str(data.build_synthetic(f"data/bench-{hp.bench}", hp.bench))
+        hp.data = f"data/bench-{hp.bench}"
+        if local_rank == 0:  # one writer per node
+            data.build_synthetic(hp.data, hp.bench)
+        if world_size > 1:
+            dist.barrier()
     dataset = data.ShardDataset(hp.data, verify="full" if hp.verify_full else "fast")
     data_hash = data.order_hash(len(dataset), hp.seed)
     log(f"data: {hp.data} track={dataset.manifest['track']} samples={len(dataset)} "
@@ -549,7 +553,7 @@ def profile_kernels(run_step, device, steps=5, top=15):
 
 def format_bench(r):
     line = (f"bench | {r['model']} {r['track']} {'x'.join(map(str, r['latent']))} + {r['text_tokens']} text tokens | "
-            f"batch {r['batch']} | {r['optimizer']} | compile {r['compile']} | params {r['params'] / 1e6:.1f}M | "
+            f"batch {r['batch']} on {r['world_size']} rank(s) | {r['optimizer']} | compile {r['compile']} | params {r['params'] / 1e6:.1f}M | "
             f"{r['gflop_per_image']:.1f} GFLOP/img | {r['ms_per_step']:.1f} ms/step | {r['img_per_s']:.0f} img/s | "
             f"loader share {100 * r['loader_share']:+.1f}%")
     if "mfu" in r:

@@ -89,7 +89,7 @@ def test_train_bench_times_the_step_and_writes_no_checkpoint(tmp_path):
     cfg = dit.DiTConfig(patch_size=8, **dit.PRESETS["tiny"])
     assert report["gflop_per_image"] == pytest.approx(dit.flops_per_image(cfg) / 1e9)
     assert report["params"] == dit.param_count(dit.DiT(cfg))
-    assert "bench | tiny/8 shapes 3x64x64 + 16 text tokens | batch 8" in result.stdout
+    assert "bench | tiny/8 shapes 3x64x64 + 16 text tokens | batch 8 on 1 rank(s)" in result.stdout
     log = (out / "log.txt").read_text()
     assert "==================== train_dit.py" in log and "bench | tiny/8" in log
     assert not (out / "checkpoints").exists()
