@@ -234,9 +234,8 @@ def shapes_truth_image(seed, prompt_index, sample_index, prompt):
 # -----------------------------------------------------------------------------
 # GenEval-format metadata files
 
-def read_metadata(path):
-    """Parse a GenEval metadata jsonl file; a malformed line raises DataError naming line and field."""
-    rows = []
+def read_jsonl(path):
+    """(where, row) for each non-blank line of a jsonl file; unreadable text raises DataError naming the line."""
     try:
         lines = Path(path).read_bytes().splitlines()
     except OSError as e:
@@ -250,11 +249,17 @@ def read_metadata(path):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e.msg})") from None
         except RecursionError:
             raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+
+
+def read_metadata(path):
+    """Parse a GenEval metadata jsonl file; a malformed line raises DataError naming line and field."""
+    rows = []
+    for where, row in read_jsonl(path):
         validate_prompt(row, where)
         rows.append(row)
     if not rows:
@@ -579,18 +584,11 @@ def list_imagenet(src):
 def read_captions_file(path, wanted):
     """{relative path: caption} from a jsonl of {"path": ..., "caption": ...}; every wanted path must have one."""
     captions = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            for field in ("path", "caption"):
-                if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field]:
-                    raise DataError(f"{path}:{number}: field '{field}' missing or not a non-empty string")
-            captions[row["path"]] = row["caption"]
+    for where, row in read_jsonl(path):
+        for field in ("path", "caption"):
+            if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field]:
+                raise DataError(f"{where}: field '{field}' missing or not a non-empty string")
+        captions[row["path"]] = row["caption"]
     missing = [p for p in wanted if p not in captions]
     if missing:
         raise DataError(f"{path}: {len(missing)} images have no caption, e.g. {', '.join(missing[:3])}")
