@@ -175,6 +175,35 @@ def connected_components(mask):
     return [np.stack([y, x], axis=1) for y, x in zip(np.split(ys, splits), np.split(xs, splits))] if len(ys) else []
 
 
+@lru_cache(maxsize=None)
+def shape_templates(shape, height, width):
+    """(K, height + 2, width + 2) masks of `shape` in every box whose edges lie within one pixel of the
+    object's extent (the inner height x width of the canvas).
+
+    A shape drawn at an even size, or half a pixel off the grid, rasterises differently from the
+    template at its own extent: a clean 14-pixel diamond matches its 14 x 14 template at IoU 0.86,
+    under the 0.9 counting threshold. The best of these boxes is the object's fit.
+    """
+    spans = lambda n: [(a, b) for a in range(3) for b in range(n, n + 3) if b - a >= 1]
+    stack = []
+    for top, bottom in spans(height):
+        for left, right in spans(width):
+            canvas = np.zeros((height + 2, width + 2), bool)
+            canvas[top:bottom, left:right] = data.shape_mask(shape, right - left, bottom - top)
+            stack.append(canvas)
+    stack = np.stack(stack)
+    stack.setflags(write=False)
+    return stack
+
+
+def template_iou(mask, shape):
+    """Best IoU of a padded object mask with `shape` drawn in a box within one pixel of its extent."""
+    templates = shape_templates(shape, mask.shape[0] - 2, mask.shape[1] - 2)
+    inter = (templates & mask).sum(axis=(1, 2))
+    union = (templates | mask).sum(axis=(1, 2))
+    return float((inter / union).max())
+
+
 def detect_shapes(image):
     """Detections {class: [Detection]} in one (H, W, 3) uint8 image of the Shapes track."""
     pixels = image.astype(np.float32)
@@ -189,12 +218,9 @@ def detect_shapes(image):
         y1, x1, y2, x2 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
         color = np.bincount(nearest[ys, xs], minlength=len(PALETTE)).argmax()
         purity = np.mean((nearest[ys, xs] == color) & (nearest_dist[ys, xs] < COLOR_TOLERANCE))
-        mask = np.zeros((y2 - y1, x2 - x1), bool)
-        mask[ys - y1, xs - x1] = True
-        ious = {}
-        for shape in data.SHAPES:
-            template = data.shape_mask(shape, x2 - x1, y2 - y1)
-            ious[shape] = (template & mask).sum() / (template | mask).sum()
+        mask = np.zeros((y2 - y1 + 2, x2 - x1 + 2), bool)  # one pixel of margin for the template search
+        mask[ys - y1 + 1, xs - x1 + 1] = True
+        ious = {shape: template_iou(mask, shape) for shape in data.SHAPES}
         shape = max(ious, key=ious.get)
         found.setdefault(shape, []).append(
             Detection((float(x1), float(y1), float(x2), float(y2)), float(ious[shape] * purity), PALETTE_NAMES[color]))
