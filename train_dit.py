@@ -64,6 +64,7 @@ class Hyperparameters:
     muon_lr: float = 0.02  # Muon learning rate (with --optimizer muon)
     muon_momentum: float = 0.95
     lr_warmup_steps: int = 100
+    lr_cooldown: float = 0.0  # final fraction of budget_seconds over which every lr falls linearly to 0
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.99
@@ -119,7 +120,7 @@ RANGES = [
     (("lr", "muon_lr", "lr_warmup_steps", "weight_decay", "grad_clip", "time_std", "budget_seconds", "max_steps",
       "compile_warmup_steps", "micro_batch_size"), ">= 0", lambda v: v >= 0),
     (("beta1", "beta2", "muon_momentum"), "in [0, 1)", lambda v: 0 <= v < 1),
-    (("ema_decay", "text_dropout"), "in [0, 1]", lambda v: 0 <= v <= 1),
+    (("ema_decay", "text_dropout", "lr_cooldown"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("time_mean",), "finite", math.isfinite),
     (("seed",), "in [0, 2**31)", lambda v: 0 <= v < 2 ** 31),
 ]
@@ -147,6 +148,15 @@ def parse_args(argv=None):
             if not holds(getattr(hp, name)):
                 p.error(f"argument --{name}: must be {rule}, got {getattr(hp, name)!r}")
     return hp
+
+
+def lr_scale(hp, step, seconds):
+    """Learning-rate multiplier: linear warm-up over steps; with lr_cooldown, a linear fall to 0 at the end
+    of the budget, on the training clock (read once per log interval: the lr moves every log_every steps)."""
+    warmup = min(1.0, (step + 1) / max(hp.lr_warmup_steps, 1))
+    if hp.lr_cooldown == 0:
+        return warmup
+    return warmup * min(1.0, max(0.0, (hp.budget_seconds - seconds) / (hp.lr_cooldown * hp.budget_seconds)))
 
 
 def main(hp: Hyperparameters):
@@ -300,7 +310,7 @@ def main(hp: Hyperparameters):
         noise, t, drop = draw(step)
         x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
         for group in (g for opt in optimizers for g in opt.param_groups):
-            group["lr"] = group["peak_lr"] * min(1.0, (step + 1) / max(hp.lr_warmup_steps, 1))
+            group["lr"] = group["peak_lr"] * lr_scale(hp, step, train_seconds)
         micro = hp.micro_batch_size or per_rank
         loss = 0.0
         for start in range(0, per_rank, micro):

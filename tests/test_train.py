@@ -49,3 +49,25 @@ def test_checkpoint_records_the_run(trained_run, shapes_data):
     assert ckpt["data_order_hash"] == data.order_hash(N_TRAIN, 0)
     assert ckpt["model_config"]["patch_size"] == 8
     assert ckpt["model_config"]["text_dim"] == data.read_manifest(shapes_data)["text"]["width"]
+
+
+def test_lr_warms_up_over_steps_then_cools_down_to_zero_at_the_end_of_the_budget():
+    from train_dit import Hyperparameters, lr_scale
+    hp = Hyperparameters(lr_warmup_steps=10, budget_seconds=100.0)
+    assert [lr_scale(hp, s, 0.0) for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
+    assert lr_scale(hp, 1000, 99.0) == 1.0  # no cooldown by default
+    hp.lr_cooldown = 0.4  # the last 40 s
+    assert [lr_scale(hp, 1000, t) for t in (0.0, 60.0, 80.0, 90.0, 100.0, 130.0)] == [1.0, 1.0, 0.5, 0.25, 0.0, 0.0]
+    assert lr_scale(hp, 4, 80.0) == 0.25  # warm-up and cooldown multiply
+
+
+def test_cooldown_run_ends_with_the_lr_at_zero(shapes_data, tmp_path):
+    from train_dit import load_checkpoint
+    run = train(shapes_data, tmp_path / "cool", 0, "--budget_seconds", 3, "--max_steps", 0, "--lr_cooldown", 1,
+                "--log_every", 1)
+    last = sorted((run / "checkpoints").glob("*.pt"))[-1]
+    ckpt = load_checkpoint(last)
+    groups = [g for opt in ckpt["optimizer"] for g in opt["param_groups"]]
+    assert ckpt["train_seconds"] >= 3 and ckpt["step"] > 1
+    # the last step ran with the lr of the clock read before it: close to the end, so a small fraction of peak
+    assert all(0 <= g["lr"] < 0.5 * g["peak_lr"] for g in groups), [(g["lr"], g["peak_lr"]) for g in groups]
