@@ -82,7 +82,7 @@ class Hyperparameters:
     ckpt_every_seconds: float = 30.0
     log_every: int = 25  # steps between loss reads and clock checks (each is one host sync)
     # systems
-    seed: int = 0
+    seed: int = 0  # model init, noise, times and caption drops (the data order is the dataset's, fixed)
     compile: bool = True  # torch.compile the model (GPU only)
     compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
     resume: str = ""  # checkpoint to continue from
@@ -230,9 +230,12 @@ def main(hp: Hyperparameters):
         if world_size > 1:
             dist.barrier()
     dataset = data.ShardDataset(hp.data, verify="full" if hp.verify_full else "fast")
-    data_hash = data.order_hash(len(dataset), hp.seed)
+    # The rules fix the data order: it follows the dataset's own seed, never --seed (which seeds the
+    # init and the noise, so that a record's repeated runs differ while seeing the same batches).
+    order_seed = dataset.manifest["seed"]
+    data_hash = data.order_hash(len(dataset), order_seed)
     log(f"data: {hp.data} track={dataset.manifest['track']} samples={len(dataset)} "
-        f"data_order_hash={data_hash} (seed {hp.seed}) verified={'full' if hp.verify_full else 'fast'}")
+        f"data_order_hash={data_hash} (dataset seed {order_seed}) verified={'full' if hp.verify_full else 'fast'}")
 
     # =========================================================================
     # Model, EMA and optimizer
@@ -352,7 +355,7 @@ def main(hp: Hyperparameters):
 
     if hp.compile and use_cuda and hp.compile_warmup_steps > 0:
         saved = [copy.deepcopy(m.state_dict()) for m in (raw_model, ema, *optimizers)]
-        warm_loader = data.Loader(dataset, hp.batch_size, hp.seed, position, rank, world_size, device)
+        warm_loader = data.Loader(dataset, hp.batch_size, order_seed, position, rank, world_size, device)
         batch = next(warm_loader)
         warm_loader.close()
         t0 = time.perf_counter()
@@ -380,7 +383,7 @@ def main(hp: Hyperparameters):
     # =========================================================================
     # Training loop: checkpoints on marks of the training clock
 
-    loader = data.Loader(dataset, hp.batch_size, hp.seed, position, rank, world_size, device)
+    loader = data.Loader(dataset, hp.batch_size, order_seed, position, rank, world_size, device)
     last_checkpoint = hp.resume or None
 
     def save_checkpoint():
@@ -514,7 +517,7 @@ def matmul_peak_flops(device, n=8192, iters=50):
 def benchmark(hp, cfg, n_params, train_step, dataset, step, rank, world_size, device, sync):
     """Times hp.bench_steps training steps twice: on one batch reused (the step alone) and fed by the
     loader (the step as training runs it); their difference is the loader's share of the step."""
-    loader = data.Loader(dataset, hp.batch_size, hp.seed, 0, rank, world_size, device)
+    loader = data.Loader(dataset, hp.batch_size, dataset.manifest["seed"], 0, rank, world_size, device)
     batch = next(loader)
 
     def timed(next_batch):

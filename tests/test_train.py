@@ -19,6 +19,9 @@ def test_same_seed_gives_identical_losses_and_other_seed_differs(shapes_data, tr
     other = logged_losses(train(shapes_data, tmp_path / "seed1", 1))
     assert sorted(other) == sorted(first)
     assert sum(other[s] != first[s] for s in first) > TRAIN_STEPS // 2
+    # --seed changes the init and noise, never the data order, which the rules fix
+    orders = [re.findall(r"data_order_hash=(\w+)", (run / "log.txt").read_text()) for run in (trained_run, tmp_path / "seed1")]
+    assert orders[0] == orders[1] == [data.order_hash(N_TRAIN, 0)]
 
 
 def test_resume_from_a_checkpoint_continues_the_same_run(shapes_data, trained_run, tmp_path):
