@@ -17,7 +17,9 @@ and the overall score is the mean of the six task scores.
 
 Detector backends plug into the same engine. `shapes` is exact for the GenEval-Shapes track:
 background subtraction, connected components, nearest-palette colour, and the shape whose
-template best matches the component; its confidence is that match (IoU) times colour purity.
+template best matches the component, fitted in every box within one pixel of the component's
+extent (a shape drawn at an even size or half a pixel off the grid is still its shape); its
+confidence is that match (IoU) times colour purity.
 `mask2former` is GenEval's detector stack rebuilt on transformers and open_clip (metric name
 `geneval-m2f`); `official` runs an installed djghosh13/geneval checkout on the folder (`geneval`).
 """
