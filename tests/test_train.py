@@ -5,7 +5,7 @@ import re
 import torch
 
 import data
-from conftest import N_TRAIN, REPO, TRAIN_STEPS, logged_losses, train
+from conftest import N_TRAIN, REPO, TRAIN_STEPS, logged_losses, run_cli, train
 
 
 def test_same_seed_gives_identical_losses_and_other_seed_differs(shapes_data, trained_run, tmp_path):
@@ -74,3 +74,26 @@ def test_cooldown_run_ends_with_the_lr_at_zero(shapes_data, tmp_path):
     assert ckpt["train_seconds"] >= 3 and ckpt["step"] > 1
     # the last step ran with the lr of the clock read before it: close to the end, so a small fraction of peak
     assert all(0 <= g["lr"] < 0.5 * g["peak_lr"] for g in groups), [(g["lr"], g["peak_lr"]) for g in groups]
+
+
+def test_vanilla_preset_trains_with_plain_ema(shapes_data, tmp_path):
+    # shapes-vanilla on the CPU: DiT's recipe, EMA 0.9999 from the first step (no warm-up)
+    from train_dit import load_checkpoint
+
+    def ema_over_model(*extra):
+        """|EMA| / |model| of the zero-initialised output layer after 3 steps (AdamW moved it off zero)."""
+        run = tmp_path / f"vanilla{len(extra)}"
+        result = run_cli("train_dit.py", "--preset", "shapes-vanilla", "--data", shapes_data, "--out", run,
+                         "--model", "tiny", "--batch_size", 8, "--max_steps", 3, "--log_every", 1, *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        ckpt = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
+        model_w, ema_w = ckpt["model"]["final.linear.weight"], ckpt["ema"]["final.linear.weight"]
+        assert model_w.abs().max() > 0
+        return ckpt["hparams"], (ema_w.norm() / model_w.norm()).item()
+
+    hp, plain = ema_over_model()
+    assert (hp["optimizer"], hp["lr"], hp["ema_warmup"], hp["time_sampling"], hp["prediction"], hp["grad_clip"]) == (
+        "adamw", 1e-4, False, "uniform", "velocity", 0.0)
+    assert plain < 1e-3, plain  # three steps of weight 1e-4: the EMA is still the init
+    _, warmed = ema_over_model("--ema_warmup", "true")
+    assert warmed > 0.5, warmed  # the warm-up's first weights are 0.9, 0.83, ...: it follows the model
