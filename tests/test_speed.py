@@ -33,7 +33,7 @@ def test_orthogonalize_brings_every_singular_value_near_one(rows, cols, scale):
     assert torch.linalg.eigvalsh(0.5 * (out.mT @ m + m.mT @ out)).min() > -1e-3 * scale
 
 
-def test_muon_with_qk_norm_resumes_bit_exactly(shapes_data, tmp_path):
+def test_muon_with_qk_norm_resumes_bit_exactly(shapes_data, trained_run, tmp_path):
     flags = ("--optimizer", "muon", "--qk_norm", "true", "--ckpt_every_seconds", "0.0001")
     full = train(shapes_data, tmp_path / "full", 0, *flags)
     half = full / "checkpoints" / f"ckpt_{TRAIN_STEPS // 2:07d}.pt"
@@ -45,7 +45,7 @@ def test_muon_with_qk_norm_resumes_bit_exactly(shapes_data, tmp_path):
     assert_same_training_state(load(full / "checkpoints" / last), load(resumed / "checkpoints" / last))
     losses = logged_losses(resumed)
     assert losses == {s: logged_losses(full)[s] for s in losses}
-    adamw = logged_losses(train(shapes_data, tmp_path / "adamw", 0))
+    adamw = logged_losses(trained_run)  # the same run with the default optimizer
     assert adamw[TRAIN_STEPS] != logged_losses(full)[TRAIN_STEPS]  # Muon changed the run
 
 
