@@ -321,8 +321,9 @@ def main(hp: Hyperparameters):
         """One update; returns the loss and the gradient norm, on the device (read once per log interval)."""
         noise, t, drop = draw(step)
         x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
+        scale = lr_scale(hp, step, train_seconds)
         for group in (g for opt in optimizers for g in opt.param_groups):
-            group["lr"] = group["peak_lr"] * lr_scale(hp, step, train_seconds)
+            group["lr"] = group["peak_lr"] * scale
         micro = hp.micro_batch_size or per_rank
         loss = 0.0
         for start in range(0, per_rank, micro):
