@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -865,9 +866,10 @@ LOG_SECTIONS = ("train_dit.py", "model.py", "data.py", "environment", "hyperpara
 
 
 def log_sections(text):
-    """{section name: body} of a train_dit.py log, split on its `==================== name` headers."""
-    parts = text.split("==================== ")[1:]
-    return {p.split("\n", 1)[0].strip(): p.split("\n", 1)[1] if "\n" in p else "" for p in parts}
+    """{section name: body} of a train_dit.py log, split on its `==================== name` header lines
+    (whole lines only: the embedded train_dit.py holds the header's format string too)."""
+    parts = re.split(r"^==================== (.*)\n", text, flags=re.M)[1:]
+    return {name.strip(): body for name, body in zip(parts[::2], parts[1::2])}
 
 
 def time_to_target(points, target):

@@ -24,6 +24,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     qk_norm: bool = False  # RMS-normalise queries and keys per head
     text_len: int = 16  # caption token positions the model sees
+    text_blocks: int = 0  # self-attention blocks over the caption tokens alone, before they join the image tokens
     text_dim: int = 512  # width of the text tower's token features
     pooled_dim: int = 512  # width of the pooled caption embedding
     prediction: str = "velocity"  # network output: "velocity", or "image" (x-prediction, turned into velocity)
@@ -119,6 +120,23 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class TextBlock(nn.Module):
+    """Pre-norm self-attention + MLP over the caption tokens alone, without timestep modulation: the
+    caption is read once per step, so that "red" can bind to the "circle" after it before any image
+    token attends to them."""
+
+    def __init__(self, hidden, heads, mlp_ratio, qk_norm=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.attn = Attention(hidden, heads, qk_norm)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.mlp = MLP(hidden, mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
 class DiTBlock(nn.Module):
     """Pre-norm attention + MLP with adaLN-Zero modulation from the conditioning vector."""
 
@@ -160,6 +178,8 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(cfg.hidden, cfg.input_size // p), persistent=False)
         self.t_embed = TimestepEmbedder(cfg.hidden)
         self.text_embed = TextEmbedder(cfg)
+        self.text_blocks = nn.ModuleList(TextBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
+                                         for _ in range(cfg.text_blocks))
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.hidden, p * p * C)
         self.initialize()
@@ -189,6 +209,8 @@ class DiT(nn.Module):
         """Velocity prediction for latents x (B, C, H, W) at times t (B,) given caption features."""
         image = self.patch_embed(self.patchify(x)) + self.pos_embed
         text, pooled = self.text_embed(text_tokens[:, :self.cfg.text_len], text_pooled, drop)
+        for block in self.text_blocks:
+            text = block(text)
         c = self.t_embed(t) + pooled
         h = torch.cat([image, text], dim=1)
         for block in self.blocks:
@@ -214,7 +236,8 @@ def flops_per_image(cfg: DiTConfig, training=True):
     N, M = N_img + N_txt, int(D * cfg.mlp_ratio)
     pp_c = cfg.patch_size ** 2 * cfg.in_channels
     per_block = N * 2 * (3 * D * D + D * D + 2 * D * M) + 4 * N * N * D + 2 * D * 6 * D
-    flops = (cfg.depth * per_block
+    per_text_block = N_txt * 2 * (4 * D * D + 2 * D * M) + 4 * N_txt * N_txt * D
+    flops = (cfg.depth * per_block + cfg.text_blocks * per_text_block
              + N_img * 2 * pp_c * D  # patch embedding
              + N_txt * 2 * cfg.text_dim * D + 2 * cfg.pooled_dim * D  # text projections
              + 2 * 256 * D + 2 * D * D  # timestep MLP

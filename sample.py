@@ -107,7 +107,7 @@ class Sampler:
         if ckpt["model_config"] != self.model_config:
             self.model_config = ckpt["model_config"]
             self.model = dit.DiT(dit.DiTConfig(**self.model_config)).to(self.device).eval()
-            self.forward = torch.compile(self.model) if self.compile else self.model
+            self.forward = torch.compile(self.model, mode="reduce-overhead") if self.compile else self.model  # CUDA graphs
         load_weights(self.model, ckpt[self.weights], ckpt_path)
         return ckpt
 
@@ -265,7 +265,7 @@ def benchmark(args):
                         patch_size=args.patch_size, text_len=shape["seq_len"], text_dim=shape["width"],
                         pooled_dim=shape["pooled_width"], **dit.PRESETS[args.model])
     model = dit.DiT(cfg).to(device).eval()
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, mode="reduce-overhead") if args.compile else model
     g = torch.Generator().manual_seed(0)
     noise, tokens, pooled = (torch.randn((args.batch_size, *s), generator=g).to(device)
                              for s in (shape["latent_shape"], (shape["seq_len"], shape["width"]), (shape["pooled_width"],)))

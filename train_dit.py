@@ -55,6 +55,7 @@ class Hyperparameters:
     model: str = "S"  # width/depth preset in model.PRESETS
     patch_size: int = 4
     qk_norm: bool = False  # RMS-normalise queries and keys per head (stabilises attention at high lr)
+    text_blocks: int = 0  # caption-only transformer blocks before the joint blocks (model.py, TextBlock)
     prediction: str = "image"  # "image" (x-prediction, turned into velocity) or "velocity"; see model.py
     # optimisation
     batch_size: int = 256  # global batch, split evenly over ranks
@@ -100,10 +101,11 @@ PRESETS = {
     # S/8 over S/4 (H100, lr 1e-3, 150 s): overall 0.488 vs ~0.45; 64 image tokens give 3x the images/s.
     # Muon + QK-norm (H100, 100 s): overall 0.523 vs 0.408 with AdamW; Muon without QK-norm diverged at
     # step ~1300. lr cooldown over the last half (H100, 300 s): 0.829 vs 0.783 at constant lr
-    # (records/shapes-baseline-tuning.md).
+    # Two caption blocks and times at logit-normal mean 0.5 (H100, 100 s): 0.660 and 0.702 vs 0.596; together,
+    # 300 s: 0.906 vs 0.840 (records/shapes-baseline-tuning.md, sections 7 and 9).
     "shapes-gpu": dict(data="data/shapes", out="runs/shapes", model="S", patch_size=8, batch_size=512,
-                       optimizer="muon", qk_norm=True, lr=1e-3, lr_cooldown=0.5, budget_seconds=300,
-                       ckpt_every_seconds=30, log_every=25),
+                       optimizer="muon", qk_norm=True, lr=1e-3, lr_cooldown=0.5, text_blocks=2, time_mean=0.5,
+                       budget_seconds=300, ckpt_every_seconds=30, log_every=25),
     # The vanilla DiT recipe in this harness, the baseline row of the records (DiT-S/8, DiT's batch,
     # AdamW 1e-4 constant, plain EMA 0.9999, no clipping; flow matching with uniform t, velocity output).
     "shapes-vanilla": dict(data="data/shapes", out="runs/shapes-vanilla", model="S", patch_size=8, batch_size=256,
@@ -127,7 +129,7 @@ CHOICES = {"model": sorted(dit.PRESETS), "prediction": ["image", "velocity"], "o
 RANGES = [
     (("patch_size", "batch_size", "log_every", "ckpt_every_seconds", "bench_steps"), "> 0", lambda v: v > 0),
     (("lr", "muon_lr", "lr_warmup_steps", "weight_decay", "grad_clip", "time_std", "budget_seconds", "max_steps",
-      "compile_warmup_steps", "micro_batch_size"), ">= 0", lambda v: v >= 0),
+      "compile_warmup_steps", "micro_batch_size", "text_blocks"), ">= 0", lambda v: v >= 0),
     (("beta1", "beta2", "muon_momentum"), "in [0, 1)", lambda v: 0 <= v < 1),
     (("ema_decay", "text_dropout", "lr_cooldown"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("time_mean",), "finite", math.isfinite),
@@ -251,7 +253,7 @@ def main(hp: Hyperparameters):
     text = dataset.manifest["text"]
     cfg = dit.DiTConfig(input_size=latent_h, in_channels=latent_c, patch_size=hp.patch_size,
                         text_len=text["seq_len"], text_dim=text["width"], pooled_dim=text["pooled_width"],
-                        prediction=hp.prediction, qk_norm=hp.qk_norm,
+                        prediction=hp.prediction, qk_norm=hp.qk_norm, text_blocks=hp.text_blocks,
                         **dit.PRESETS[hp.model])
     raw_model = dit.DiT(cfg).to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)
@@ -261,7 +263,7 @@ def main(hp: Hyperparameters):
 
     # Muon takes the blocks' weight matrices; AdamW the rest (embeddings, output, norms, biases).
     muon_params = [p for name, p in raw_model.named_parameters()
-                   if hp.optimizer == "muon" and name.startswith("blocks.") and p.ndim == 2]
+                   if hp.optimizer == "muon" and name.startswith(("blocks.", "text_blocks.")) and p.ndim == 2]
     decay, no_decay = [], []
     for name, p in raw_model.named_parameters():
         if not any(p is q for q in muon_params):
@@ -277,7 +279,10 @@ def main(hp: Hyperparameters):
             group["peak_lr"] = group["lr"]
     model = DDP(raw_model, device_ids=[local_rank] if use_cuda else None) if world_size > 1 else raw_model
     if hp.compile and use_cuda:
-        model = torch.compile(model)
+        # One process: CUDA graphs replay the compiled forward and backward. The S/8 step launches ~1,300 kernels,
+        # and launching them took the host 39 ms, longer than the GPU's 31 ms of work. Under DDP the gradient
+        # all-reduce hooks run between the graph's pieces, so several ranks compile without CUDA graphs.
+        model = torch.compile(model, mode="reduce-overhead" if world_size == 1 else "default")
 
     step, train_seconds, position = 0, 0.0, 0
     if hp.resume:
@@ -592,7 +597,7 @@ def format_bench(r):
 
 
 def orthogonalize(g, steps=5):
-    """U V^T of the SVD of each matrix in g (..., rows, cols), approximately: a quintic Newton-Schulz
+    """U V^T of the SVD of each matrix in g (batch, rows, cols), approximately: a quintic Newton-Schulz
     iteration in bf16. Its coefficients push every singular value into about [0.7, 1.2] in 5 steps,
     an inexact orthogonalisation that Muon tolerates, for a fraction of the cost of an SVD.
     """
@@ -601,9 +606,9 @@ def orthogonalize(g, steps=5):
     tall = g.size(-2) > g.size(-1)
     x = x.mT if tall else x  # iterate on the smaller Gram matrix
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values <= 1
-    for _ in range(steps):
+    for _ in range(steps):  # x <- a x + (b G + c G^2) x with G = x x^T: three batched matmuls, scalars fused in
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.mT if tall else x).to(g.dtype)
 
 
@@ -632,7 +637,7 @@ class Muon(torch.optim.Optimizer):
                 if self.found_inf is not None:  # lerp(m, m) = m: a skipped step leaves the momentum as it was
                     grads = [torch.where(self.found_inf > 0, m, g) for m, g in zip(momenta, grads)]
                 torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
-                nesterov = torch.stack([g.lerp(m, group["momentum"]) for g, m in zip(grads, momenta)])
+                nesterov = torch.stack(torch._foreach_lerp(grads, momenta, group["momentum"]))
                 # max(1, rows/cols)^0.5: a tall matrix's orthogonal update has the RMS of a square one.
                 updates = orthogonalize(nesterov) * (keep * group["lr"] * max(1.0, rows / cols) ** 0.5)
                 if group["weight_decay"]:

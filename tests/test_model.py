@@ -13,6 +13,8 @@ CONFIGS = {
                            pooled_dim=12),
     "odd": dit.DiTConfig(input_size=24, in_channels=4, patch_size=8, hidden=48, depth=1, heads=2, mlp_ratio=2.5,
                          text_len=3, text_dim=20, pooled_dim=8, prediction="image"),
+    "text_blocks": dit.DiTConfig(input_size=16, patch_size=8, hidden=32, depth=1, heads=2, text_len=4, text_dim=8,
+                                 pooled_dim=8, qk_norm=True, text_blocks=2),
 }
 
 
@@ -56,10 +58,13 @@ def test_param_count_equals_the_layer_shapes(name):
     D, M, P = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio), cfg.patch_size ** 2 * cfg.in_channels
     T, Q, L = cfg.text_dim, cfg.pooled_dim, cfg.text_len
     linear = lambda i, o: i * o + o  # noqa: E731
-    block = linear(D, 3 * D) + linear(D, D) + linear(D, M) + linear(M, D) + linear(D, 6 * D)
+    qk_norm = 2 * (D // cfg.heads) if cfg.qk_norm else 0
+    attention_mlp = linear(D, 3 * D) + linear(D, D) + qk_norm + linear(D, M) + linear(M, D)
+    block = attention_mlp + linear(D, 6 * D)
+    text_block = attention_mlp + 2 * 2 * D  # two affine LayerNorms
     expected = (linear(P, D) + linear(256, D) + linear(D, D)  # patch and timestep embeddings
                 + 2 * T + linear(T, D) + 2 * Q + linear(Q, D) + L * T + Q + L * D
-                + cfg.depth * block + linear(D, P) + linear(D, 2 * D))
+                + cfg.text_blocks * text_block + cfg.depth * block + linear(D, P) + linear(D, 2 * D))
     assert dit.param_count(model) == expected
     assert dit.param_count(model) == sum(p.numel() for p in model.parameters())
 
@@ -102,3 +107,26 @@ def test_x_prediction_is_turned_into_velocity():
 def test_inconsistent_config_raises(change):
     with pytest.raises(ValueError, match="inconsistent DiT config"):
         dit.DiT(dataclasses.replace(CONFIGS["small"], **change))
+
+
+def test_text_blocks_let_each_caption_token_read_the_others_before_the_image_does():
+    """Without text blocks a caption token enters the joint blocks as its own projection; with them,
+    changing one word changes the other words' states too (how "red" reaches the "circle" after it)."""
+    for blocks in (0, 1):
+        cfg = dataclasses.replace(CONFIGS["text_blocks"], text_blocks=blocks)
+        model = dit.DiT(cfg).eval()
+        _, _, tokens, pooled = inputs(cfg)
+        edited = tokens.clone()
+        edited[:, 1] = torch.randn(edited[:, 1].shape, generator=torch.Generator().manual_seed(1))  # one word changed
+
+        def caption_states(tokens):
+            text, _ = model.text_embed(tokens, pooled, None)
+            for block in model.text_blocks:
+                text = block(text)
+            return text
+
+        with torch.no_grad():
+            moved = (caption_states(edited) - caption_states(tokens)).abs().amax(dim=(0, 2))
+        assert moved[1] > 0.1
+        others = torch.cat([moved[:1], moved[2:]])
+        assert (others > 1e-3).all() if blocks else (others == 0).all(), (blocks, moved)

@@ -34,11 +34,13 @@ def test_orthogonalize_brings_every_singular_value_near_one(rows, cols, scale):
 
 
 def test_muon_with_qk_norm_resumes_bit_exactly(shapes_data, trained_run, tmp_path):
-    flags = ("--optimizer", "muon", "--qk_norm", "true", "--ckpt_every_seconds", "0.0001")
+    flags = ("--optimizer", "muon", "--qk_norm", "true", "--text_blocks", "1", "--ckpt_every_seconds", "0.0001")
     full = train(shapes_data, tmp_path / "full", 0, *flags)
     half = full / "checkpoints" / f"ckpt_{TRAIN_STEPS // 2:07d}.pt"
     ckpt = load(half)
-    assert len(ckpt["optimizer"]) == 2 and ckpt["optimizer"][1]["state"]  # AdamW, then Muon with momentum
+    assert len(ckpt["optimizer"]) == 2  # AdamW, then Muon with a momentum per weight matrix of the blocks:
+    depth = ckpt["model_config"]["depth"]  # qkv, proj, fc1, fc2 and adaLN per joint block; no adaLN in a text block
+    assert len(ckpt["optimizer"][1]["state"]) == 5 * depth + 4 * 1
     assert any("q_norm" in k for k in ckpt["model"])
     resumed = train(shapes_data, tmp_path / "resumed", 0, *flags, "--resume", half)
     last = f"ckpt_{TRAIN_STEPS:07d}.pt"
