@@ -42,6 +42,11 @@ def test_log_holds_the_code_environment_and_data_order_hash(trained_run):
     assert f"torch {torch.__version__}" in environment
     hashes = re.findall(r"data_order_hash=(\w+)", log)
     assert hashes == [data.order_hash(N_TRAIN, 0)]
+    # check-record reads the sections back whole, though train_dit.py holds the header's format string too
+    import evaluate
+    sections = evaluate.log_sections(log)
+    assert list(sections)[:5] == ["train_dit.py", "model.py", "data.py", "environment", "hyperparameters"]
+    assert all(sections[name].rstrip("\n") == (REPO / name).read_text().rstrip("\n") for name in list(sections)[:3])
 
 
 def test_checkpoint_records_the_run(trained_run, shapes_data):
