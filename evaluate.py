@@ -904,6 +904,21 @@ def record_statistics(curves, target):
     return stats
 
 
+def shapes_eval_set_problem(prompts, seed):
+    """Why `prompts` are not a fair Shapes evaluation set (None when they are): every tag, each with its
+    first m prompts of the evaluation list of the dataset's seed, m the same for all tags. A subset that
+    drops a hard tag, or picks its prompts, would raise the overall score."""
+    import sample
+    counts = {tag: sum(p["tag"] == tag for p in prompts) for tag in data.TAGS}
+    if 0 in counts.values() or len(set(counts.values())) > 1 or len(prompts) != sum(counts.values()):
+        return f"prompts per tag {counts}: a record scores the same number of prompts of every tag"
+    official = sample.select_prompts(data.shapes_eval_prompts(seed), counts[data.TAGS[0]])
+    if json.loads(json.dumps(prompts)) != json.loads(json.dumps(official)):
+        return (f"the prompts are not the first {counts[data.TAGS[0]]} of each tag of the evaluation list "
+                f"(dataset seed {seed})")
+    return None
+
+
 def pack_samples(folder, path):
     """All images of a GenEval-layout folder in one compact file: (prompts, images, H, W, 3) uint8 + prompts."""
     entries = read_sample_folder(folder)
@@ -976,10 +991,11 @@ def check_record(folder):
         problems.append(f"record.json: target {target} is not the {track} target {TARGETS[track]}")
     if len(runs) < MIN_RUNS:
         problems.append(f"record.json: {len(runs)} runs; a record needs at least {MIN_RUNS}")
-    curves, code, hashes = [], set(), set()
+    curves, code, hashes, seeds, eval_sets = [], set(), set(), set(), set()
     for run in runs:
         log_path, curve_path = folder / run / "log.txt", folder / run / "curve.json"
         try:
+            seeds.update(re.findall(r"\(dataset seed (\d+)\)", log_path.read_text()))
             sections = log_sections(log_path.read_text())
             points = json.loads(curve_path.read_text())
         except (OSError, ValueError) as e:
@@ -1021,15 +1037,23 @@ def check_record(folder):
     for run, points in zip(runs, curves):
         if track == "shapes":
             try:
+                prompts = json.loads(str(np.load(folder / run / "samples.npz")["prompts"]))
                 rescored = score_packed_samples(folder / run / "samples.npz")["overall"]
             except (OSError, ValueError, KeyError) as e:
                 problems.append(f"{folder / run / 'samples.npz'}: unreadable ({type(e).__name__}: {e})")
                 continue
+            eval_sets.add(json.dumps(prompts))
+            problem = shapes_eval_set_problem(prompts, int(min(seeds))) if len(seeds) == 1 else (
+                f"the logs give dataset seeds {sorted(seeds)}, not one")
+            if problem:
+                problems.append(f"{folder / run / 'samples.npz'}: {problem}")
             if abs(rescored - points[k]["overall"]) > 1e-9:
                 problems.append(f"{folder / run / 'samples.npz'}: rescored overall {rescored:.4f}, "
                                 f"curve.json says {points[k]['overall']:.4f}")
         elif not (folder / run / "samples.sha256").exists():
             problems.append(f"{folder / run}: no samples.sha256")
+    if len(eval_sets) > 1:
+        problems.append(f"{folder}: the runs were scored on different prompts")
     for name in ("README.md", "curve.png", "grid.png"):
         if not (folder / name).exists():
             problems.append(f"{folder / name}: missing")

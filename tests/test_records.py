@@ -108,11 +108,22 @@ def noise_samples(rec):
     np.savez_compressed(path, **packed)
 
 
+def drop_a_hard_tag(rec):
+    path = rec / "run5" / "samples.npz"
+    packed = dict(np.load(path))
+    prompts = json.loads(str(packed["prompts"]))
+    keep = [i for i, p in enumerate(prompts) if p["tag"] != "color_attr"]
+    packed["images"] = packed["images"][keep]
+    packed["prompts"] = np.array(json.dumps([prompts[i] for i in keep]))
+    np.savez_compressed(path, **packed)
+
+
 @pytest.mark.parametrize("edit,reason", [(drop_model_code, "no 'model.py' section"),
                                          (edit_time, "the curves give"),
                                          (set_nfe, "nfe 50, not 100"),
-                                         (noise_samples, "rescored overall")],
-                         ids=["missing-code", "edited-time", "nfe-50", "swapped-samples"])
+                                         (noise_samples, "rescored overall"),
+                                         (drop_a_hard_tag, "a record scores the same number of prompts of every tag")],
+                         ids=["missing-code", "edited-time", "nfe-50", "swapped-samples", "dropped-tag"])
 def test_validator_rejects_a_corrupted_record_with_its_reason(record, tmp_path, edit, reason):
     bad = corrupt_copy(record, tmp_path, edit)
     problems = evaluate.check_record(bad)
@@ -135,3 +146,14 @@ def test_one_sided_p_value_follows_the_t_distribution():
     assert evaluate.p_value_above(scores, 0.90) == pytest.approx(0.00070, abs=1e-5)
     assert evaluate.p_value_above(scores, 0.99) > 0.99
     assert evaluate.p_value_above([0.95] * 5, 0.90) == 0.0
+
+
+def test_a_record_eval_set_is_the_first_prompts_of_every_tag():
+    import data
+    import sample
+    official = data.shapes_eval_prompts(0)
+    assert evaluate.shapes_eval_set_problem(sample.select_prompts(official, 3), 0) is None
+    picked = [p for tag in data.TAGS for p in [q for q in official if q["tag"] == tag][5:8]]  # chosen, not the first
+    assert "not the first 3" in evaluate.shapes_eval_set_problem(picked, 0)
+    uneven = sample.select_prompts(official, 3)[:-1]  # one color_attr prompt short
+    assert "same number of prompts of every tag" in evaluate.shapes_eval_set_problem(uneven, 0)
