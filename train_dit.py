@@ -281,8 +281,10 @@ def main(hp: Hyperparameters):
     if hp.compile and use_cuda:
         # One process: CUDA graphs replay the compiled forward and backward. The S/8 step launches ~1,300 kernels,
         # and launching them took the host 39 ms, longer than the GPU's 31 ms of work. Under DDP the gradient
-        # all-reduce hooks run between the graph's pieces, so several ranks compile without CUDA graphs.
-        model = torch.compile(model, mode="reduce-overhead" if world_size == 1 else "default")
+        # all-reduce hooks run between the graph's pieces, and with micro-batches a replay would overwrite the
+        # gradients of the chunk before; both compile without CUDA graphs.
+        accumulating = 0 < hp.micro_batch_size < hp.batch_size // world_size
+        model = torch.compile(model, mode="default" if world_size > 1 or accumulating else "reduce-overhead")
 
     step, train_seconds, position = 0, 0.0, 0
     if hp.resume:
