@@ -281,8 +281,8 @@ def main(hp: Hyperparameters):
     if hp.compile and use_cuda:
         # One process: CUDA graphs replay the compiled forward and backward. The S/8 step launches ~1,300 kernels,
         # and launching them took the host 39 ms, longer than the GPU's 31 ms of work. Under DDP the gradient
-        # all-reduce hooks run between the graph's pieces, and with micro-batches a replay would overwrite the
-        # gradients of the chunk before; both compile without CUDA graphs.
+        # all-reduce hooks run between the graph's pieces, and micro-batches accumulate gradients across replays
+        # that may reuse the graph's memory (untested on a GPU here): both compile without CUDA graphs.
         accumulating = 0 < hp.micro_batch_size < hp.batch_size // world_size
         model = torch.compile(model, mode="default" if world_size > 1 or accumulating else "reduce-overhead")
 
