@@ -1,8 +1,8 @@
 """The DiT: a diffusion transformer for text-to-image, conditioned on text-tower token features.
 
 Text conditioning is joint attention: the caption's token features are projected to the model
-width and attend together with the image tokens in every block (one shared attention, as in
-DiT's in-context conditioning). The pooled caption embedding joins the timestep embedding in the
+width, optionally pass through caption-only blocks (`text_blocks`), and attend together with the
+image tokens in every block (one shared attention, as in DiT's in-context conditioning). The pooled caption embedding joins the timestep embedding in the
 adaLN-Zero modulation. A learned null caption replaces the text for classifier-free guidance.
 """
 import math
@@ -121,9 +121,8 @@ class MLP(nn.Module):
 
 
 class TextBlock(nn.Module):
-    """Pre-norm self-attention + MLP over the caption tokens alone, without timestep modulation: the
-    caption is read once per step, so that "red" can bind to the "circle" after it before any image
-    token attends to them."""
+    """Pre-norm self-attention + MLP over the caption tokens alone, without timestep modulation, so
+    that "red" can bind to the "circle" after it before any image token attends to them."""
 
     def __init__(self, hidden, heads, mlp_ratio, qk_norm=False):
         super().__init__()
