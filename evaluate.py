@@ -153,29 +153,18 @@ PALETTE_NAMES = list(data.COLORS)
 PALETTE = np.array([data.COLORS[c] for c in PALETTE_NAMES], np.float32)
 
 
-def connected_components(mask):
-    """8-connected components of a boolean mask, as arrays of (y, x) pixels.
-
-    Min-label propagation over 3x3 neighbourhoods with pointer jumping: each foreground pixel ends
-    labelled with the smallest flat index in its component, in a few vectorised passes.
-    """
-    h, w = mask.shape
-    big = h * w
-    labels = np.where(mask, np.arange(big).reshape(h, w), big)
-    while True:
-        padded = np.pad(labels, 1, constant_values=big)
-        neighbours = np.min([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
-        new = np.where(mask, neighbours, big)
-        flat = np.append(new.ravel(), big)
-        new = np.where(mask, flat[flat[new]], big)  # pointer jumping: follow labels twice
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    ys, xs = np.nonzero(mask)
-    order = np.argsort(labels[ys, xs], kind="stable")
-    ys, xs, keys = ys[order], xs[order], labels[ys, xs][order]
-    splits = np.nonzero(np.diff(keys))[0] + 1
-    return [np.stack([y, x], axis=1) for y, x in zip(np.split(ys, splits), np.split(xs, splits))] if len(ys) else []
+def connected_components(mask, min_area=1):
+    """8-connected components of at least `min_area` pixels of a boolean mask, as arrays of (y, x)
+    pixels, in raster order of their first pixel."""
+    from scipy import ndimage
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    areas = np.bincount(labels.ravel())
+    components = []
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if areas[label] >= min_area:
+            ys, xs = np.nonzero(labels[box] == label)
+            components.append(np.stack([ys + box[0].start, xs + box[1].start], axis=1))
+    return components
 
 
 @lru_cache(maxsize=None)
@@ -199,31 +188,40 @@ def shape_templates(shape, height, width):
     return stack
 
 
-def template_iou(mask, shape):
-    """Best IoU of a padded object mask with `shape` drawn in a box within one pixel of its extent."""
-    templates = shape_templates(shape, mask.shape[0] - 2, mask.shape[1] - 2)
-    inter = (templates & mask).sum(axis=(1, 2))
-    union = (templates | mask).sum(axis=(1, 2))
-    return float((inter / union).max())
+@lru_cache(maxsize=None)
+def template_matrix(height, width):
+    """Every shape's templates (shape_templates) flattened into one (shapes x K, pixels) float32 matrix,
+    with their areas and K."""
+    stacks = [shape_templates(shape, height, width) for shape in data.SHAPES]
+    flat = np.concatenate([t.reshape(len(t), -1) for t in stacks])
+    return flat.astype(np.float32), flat.sum(axis=1), len(stacks[0])
+
+
+def template_ious(mask):
+    """{shape: best IoU of a padded object mask with the shape drawn in a box within one pixel of its extent}."""
+    matrix, areas, k = template_matrix(mask.shape[0] - 2, mask.shape[1] - 2)
+    inter = (matrix @ mask.ravel().astype(np.float32)).astype(np.int64)  # pixel counts: exact in float32
+    ious = (inter / (areas + np.count_nonzero(mask) - inter)).reshape(len(data.SHAPES), k).max(axis=1)
+    return dict(zip(data.SHAPES, ious.tolist()))
 
 
 def detect_shapes(image):
     """Detections {class: [Detection]} in one (H, W, 3) uint8 image of the Shapes track."""
     pixels = image.astype(np.float32)
     foreground = np.abs(pixels - np.array(data.BACKGROUND, np.float32)).max(axis=2) > BACKGROUND_TOLERANCE
-    distances = np.linalg.norm(pixels[:, :, None, :] - PALETTE[None, None], axis=3)
-    nearest, nearest_dist = distances.argmin(axis=2), distances.min(axis=2)
+    # Nearest palette colour of each foreground pixel (squared distances: exact integers in float32).
+    squared = np.square(pixels[foreground][:, None, :] - PALETTE[None]).sum(axis=2)
+    nearest, near_enough = np.zeros(foreground.shape, np.int64), np.zeros(foreground.shape, bool)
+    nearest[foreground], near_enough[foreground] = squared.argmin(axis=1), squared.min(axis=1) < COLOR_TOLERANCE ** 2
     found = {}
-    for comp in connected_components(foreground):
-        if len(comp) < MIN_AREA:
-            continue
+    for comp in connected_components(foreground, MIN_AREA):
         ys, xs = comp[:, 0], comp[:, 1]
         y1, x1, y2, x2 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
         color = np.bincount(nearest[ys, xs], minlength=len(PALETTE)).argmax()
-        purity = np.mean((nearest[ys, xs] == color) & (nearest_dist[ys, xs] < COLOR_TOLERANCE))
+        purity = np.mean((nearest[ys, xs] == color) & near_enough[ys, xs])
         mask = np.zeros((y2 - y1 + 2, x2 - x1 + 2), bool)  # one pixel of margin for the template search
         mask[ys - y1 + 1, xs - x1 + 1] = True
-        ious = {shape: template_iou(mask, shape) for shape in data.SHAPES}
+        ious = template_ious(mask)
         shape = max(ious, key=ious.get)
         found.setdefault(shape, []).append(
             Detection((float(x1), float(y1), float(x2), float(y2)), float(ious[shape] * purity), PALETTE_NAMES[color]))

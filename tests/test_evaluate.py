@@ -205,3 +205,33 @@ def test_position_without_its_target_fails():
     meta = position_prompt("left of")
     correct, reason = judge({"circle": [det(0, 0, 10, 10)]}, meta, colors_of, TH)
     assert not correct and "square" in reason
+
+
+def flood_fill_components(mask, min_area):
+    """Reference: 8-connected components by breadth-first search, in raster order of their first pixel."""
+    seen, components = np.zeros_like(mask), []
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        seen[y, x], queue, pixels = True, [(y, x)], []
+        while queue:
+            cy, cx = queue.pop()
+            pixels.append((cy, cx))
+            for ny in range(max(cy - 1, 0), min(cy + 2, mask.shape[0])):
+                for nx in range(max(cx - 1, 0), min(cx + 2, mask.shape[1])):
+                    if mask[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+        if len(pixels) >= min_area:
+            components.append(sorted(pixels))
+    return components
+
+
+def test_connected_components_match_a_flood_fill_on_random_masks():
+    rng = np.random.default_rng(0)
+    for density in (0.2, 0.45, 0.6):
+        for _ in range(10):
+            mask = rng.random((40, 33)) < density
+            for min_area in (1, 5):
+                found = [sorted(map(tuple, c.tolist())) for c in evaluate.connected_components(mask, min_area)]
+                assert found == flood_fill_components(mask, min_area)
