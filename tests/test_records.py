@@ -108,6 +108,14 @@ def noise_samples(rec):
     np.savez_compressed(path, **packed)
 
 
+def sparse_checkpoints(rec):
+    path = rec / "run2" / "curve.json"
+    points = json.loads(path.read_text())
+    for p in points:
+        p["train_seconds"] *= 3  # checkpoints 12 s apart
+    path.write_text(json.dumps(points))
+
+
 def drop_a_hard_tag(rec):
     path = rec / "run5" / "samples.npz"
     packed = dict(np.load(path))
@@ -122,8 +130,10 @@ def drop_a_hard_tag(rec):
                                          (edit_time, "the curves give"),
                                          (set_nfe, "nfe 50, not 100"),
                                          (noise_samples, "rescored overall"),
+                                         (sparse_checkpoints, "at most 10.0 s apart (largest gap 12.0 s)"),
                                          (drop_a_hard_tag, "a record scores the same number of prompts of every tag")],
-                         ids=["missing-code", "edited-time", "nfe-50", "swapped-samples", "dropped-tag"])
+                         ids=["missing-code", "edited-time", "nfe-50", "swapped-samples", "sparse-checkpoints",
+                              "dropped-tag"])
 def test_validator_rejects_a_corrupted_record_with_its_reason(record, tmp_path, edit, reason):
     bad = corrupt_copy(record, tmp_path, edit)
     problems = evaluate.check_record(bad)
