@@ -925,10 +925,11 @@ def pack_samples(folder, path):
 
 
 def score_packed_samples(path, backend="shapes"):
+    """(scores, prompts) of a pack_samples file."""
     packed = np.load(path)
     prompts = json.loads(str(packed["prompts"]))
     return summarize(score_images(((m, f"{i:05d}/{j:04d}", image) for i, m in enumerate(prompts)
-                                   for j, image in enumerate(packed["images"][i])), backend))
+                                   for j, image in enumerate(packed["images"][i])), backend)), prompts
 
 
 def build_record(runs, out, name, track="shapes", target=None):
@@ -993,8 +994,9 @@ def check_record(folder):
     for run in runs:
         log_path, curve_path = folder / run / "log.txt", folder / run / "curve.json"
         try:
-            seeds.update(re.findall(r"\(dataset seed (\d+)\)", log_path.read_text()))
-            sections = log_sections(log_path.read_text())
+            log_text = log_path.read_text()
+            seeds.update(re.findall(r"\(dataset seed (\d+)\)", log_text))
+            sections = log_sections(log_text)
             points = json.loads(curve_path.read_text())
         except (OSError, ValueError) as e:
             problems.append(f"{folder / run}: unreadable log or curve ({type(e).__name__}: {e})")
@@ -1003,7 +1005,7 @@ def check_record(folder):
             if not sections.get(section, "").strip():
                 problems.append(f"{log_path}: no '{section}' section (the log must embed the code and environment)")
         code.add(tuple(sections.get(f, "") for f in ("train_dit.py", "model.py", "data.py")))
-        found = [w.split("=", 1)[1] for w in log_path.read_text().split() if w.startswith("data_order_hash=")]
+        found = [w.split("=", 1)[1] for w in log_text.split() if w.startswith("data_order_hash=")]
         if not found:
             problems.append(f"{log_path}: no data_order_hash")
         hashes.update(found)
@@ -1035,13 +1037,13 @@ def check_record(folder):
     for run, points in zip(runs, curves):
         if track == "shapes":
             try:
-                prompts = json.loads(str(np.load(folder / run / "samples.npz")["prompts"]))
-                rescored = score_packed_samples(folder / run / "samples.npz")["overall"]
+                scores, prompts = score_packed_samples(folder / run / "samples.npz")
             except (OSError, ValueError, KeyError) as e:
                 problems.append(f"{folder / run / 'samples.npz'}: unreadable ({type(e).__name__}: {e})")
                 continue
+            rescored = scores["overall"]
             eval_sets.add(json.dumps(prompts))
-            problem = shapes_eval_set_problem(prompts, int(min(seeds))) if len(seeds) == 1 else (
+            problem = shapes_eval_set_problem(prompts, int(next(iter(seeds)))) if len(seeds) == 1 else (
                 f"the logs give dataset seeds {sorted(seeds)}, not one")
             if problem:
                 problems.append(f"{folder / run / 'samples.npz'}: {problem}")

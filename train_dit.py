@@ -100,7 +100,7 @@ class Hyperparameters:
 PRESETS = {
     # S/8 over S/4 (H100, lr 1e-3, 150 s): overall 0.488 vs ~0.45; 64 image tokens give 3x the images/s.
     # Muon + QK-norm (H100, 100 s): overall 0.523 vs 0.408 with AdamW; Muon without QK-norm diverged at
-    # step ~1300. lr cooldown over the last half (H100, 300 s): 0.829 vs 0.783 at constant lr
+    # step ~1300. lr cooldown over the last half (H100, 300 s): 0.829 vs 0.783 at constant lr.
     # Two caption blocks and times at logit-normal mean 0.5 (H100, 100 s): 0.660 and 0.702 vs 0.596; together,
     # 300 s: 0.906 vs 0.840 (records/shapes-baseline-tuning.md, sections 7 and 9).
     "shapes-gpu": dict(data="data/shapes", out="runs/shapes", model="S", patch_size=8, batch_size=512,
