@@ -858,8 +858,19 @@ def truth(args):
 # Records: pack n runs into a record folder, and check one (README.md, "Records")
 
 TARGETS = {"shapes": 0.90}  # overall score a record must reach
-MAX_CHECKPOINT_GAP = {"shapes": 10.0, "imagenet": 600.0}  # training seconds between checkpoints, at most (README)
+# Checkpoint cadence (README): consecutive checkpoints at most 5% of the claimed time apart, never required
+# closer than the floor, plus the lateness of a checkpoint that lands at the first clock check after its mark.
+CHECKPOINT_GAP_FRACTION = 0.05
+CHECKPOINT_GAP_FLOOR = {"shapes": 5.0, "imagenet": 600.0}  # training seconds
+CHECKPOINT_LATENESS = {"shapes": 2.0, "imagenet": 60.0}  # training seconds
+SAMPLER_KEYS = ("nfe", "sampler", "cfg_scale", "cfg_interval", "time_shift", "weights", "seed", "images_per_prompt")
 MIN_RUNS, MAX_P = 5, 0.01
+
+
+def max_checkpoint_gap(track, claimed_seconds):
+    """The largest gap between consecutive checkpoints a record may have (training seconds)."""
+    return (max(CHECKPOINT_GAP_FLOOR[track], CHECKPOINT_GAP_FRACTION * claimed_seconds)
+            + CHECKPOINT_LATENESS[track])
 LOG_SECTIONS = ("train_dit.py", "model.py", "data.py", "environment", "hyperparameters")
 
 
@@ -985,12 +996,14 @@ def check_record(folder):
         target = record["target"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [f"{folder / 'record.json'}: unreadable or incomplete ({type(e).__name__}: {e})"]
+    if track not in CHECKPOINT_GAP_FLOOR:
+        return [f"{folder / 'record.json'}: unknown track {track!r} (one of {sorted(CHECKPOINT_GAP_FLOOR)})"]
     problems = []
     if target != TARGETS.get(track, target):
         problems.append(f"record.json: target {target} is not the {track} target {TARGETS[track]}")
     if len(runs) < MIN_RUNS:
         problems.append(f"record.json: {len(runs)} runs; a record needs at least {MIN_RUNS}")
-    curves, code, hashes, seeds, eval_sets = [], set(), set(), set(), set()
+    curves, code, hashes, seeds, eval_sets, samplers, gaps = [], set(), set(), set(), set(), set(), []
     for run in runs:
         log_path, curve_path = folder / run / "log.txt", folder / run / "curve.json"
         try:
@@ -1012,16 +1025,22 @@ def check_record(folder):
         for i, p in enumerate(points):
             if p.get("nfe") != 100:
                 problems.append(f"{curve_path}: checkpoint {i} sampled with nfe {p.get('nfe')}, not 100")
+            missing = [key for key in SAMPLER_KEYS if key not in p]
+            if missing:
+                problems.append(f"{curve_path}: checkpoint {i} does not record its sampler settings {missing}")
+            samplers.add(json.dumps({key: p.get(key) for key in SAMPLER_KEYS}, sort_keys=True))
         seconds = [0.0] + [p["train_seconds"] for p in points]
-        gap = max(b - a for a, b in zip(seconds, seconds[1:])) if points else float("inf")
-        if gap > MAX_CHECKPOINT_GAP.get(track, float("inf")) or any(b <= a for a, b in zip(seconds, seconds[1:])):
-            problems.append(f"{curve_path}: checkpoints must be increasing and at most "
-                            f"{MAX_CHECKPOINT_GAP.get(track)} s apart (largest gap {gap:.1f} s)")
+        if not points or any(b <= a for a, b in zip(seconds, seconds[1:])):
+            problems.append(f"{curve_path}: no checkpoints, or their training seconds do not increase")
+        else:
+            gaps.append((curve_path, max(b - a for a, b in zip(seconds, seconds[1:]))))
         curves.append(points)
     if len(code) > 1:
         problems.append(f"{folder}: the runs' logs embed different code")
     if len(hashes) > 1:
         problems.append(f"{folder}: the runs' logs give different data order hashes {sorted(hashes)}")
+    if len(samplers) > 1:  # settings chosen per run or per checkpoint would select on the metric
+        problems.append(f"{folder}: checkpoints sampled with different settings: {' | '.join(sorted(samplers))}")
     if problems or not curves:
         return problems
     stats = record_statistics(curves, target)
@@ -1033,6 +1052,11 @@ def check_record(folder):
     if stats["p_value"] is None or stats["p_value"] >= MAX_P:
         problems.append(f"{folder}: no checkpoint mark beats {target} at p < {MAX_P}")
         return problems
+    allowed = max_checkpoint_gap(track, stats["claimed_seconds"])
+    for curve_path, gap in gaps:
+        if gap > allowed:
+            problems.append(f"{curve_path}: checkpoints at most {allowed:.1f} s apart for a "
+                            f"{stats['claimed_seconds']:.1f} s claim (largest gap {gap:.1f} s)")
     k = stats["claimed_checkpoint"]
     for run, points in zip(runs, curves):
         if track == "shapes":
@@ -1167,7 +1191,7 @@ def main(argv=None):
     r = sub.add_parser("record", help="pack n runs (each with curve.json) into a record folder")
     r.add_argument("runs", nargs="+")
     r.add_argument("--name", required=True)
-    r.add_argument("--track", choices=sorted(MAX_CHECKPOINT_GAP), default="shapes")
+    r.add_argument("--track", choices=sorted(CHECKPOINT_GAP_FLOOR), default="shapes")
     r.add_argument("--out", default=None, help="default: records/<track>/<date>_<name>")
     k = sub.add_parser("check-record", help="validate a record folder")
     k.add_argument("folder")

@@ -16,6 +16,8 @@ from conftest import run_cli
 
 PROMPT_DIRS = [f"{i:05d}" for t in range(6) for i in range(t * 20, t * 20 + 2)]  # 2 prompts of each tag
 NOISE_AT_CLAIM = [0, 1, 0, 1, 2]  # noise images per run at the last checkpoint: scores 1 - k/48
+SAMPLER = {"nfe": 100, "sampler": "euler", "cfg_scale": 6.0, "cfg_interval": [0.3, 1.0], "time_shift": 1.0,
+           "weights": "ema", "seed": 0, "images_per_prompt": 4}  # as sample.py records them
 
 
 def make_samples(truth, out, noisy, seed):
@@ -43,7 +45,7 @@ def five_runs(trained_run, truth_renders, tmp_path_factory):
             ckpt = f"ckpt_{k:07d}"
             make_samples(truth_renders, run / "samples" / ckpt, noisy, seed=10 * r + k)
             scores = evaluate.score_folder(run / "samples" / ckpt)
-            points.append({"checkpoint": f"{run}/checkpoints/{ckpt}.pt", "nfe": 100, "params": params,
+            points.append({"checkpoint": f"{run}/checkpoints/{ckpt}.pt", **SAMPLER, "params": params,
                            "train_seconds": 4.0 * (k + 1) + 0.01 * r, "step": 10 * (k + 1),
                            "images_seen": 80 * (k + 1), **scores})
         (run / "curve.json").write_text(json.dumps(points))
@@ -116,6 +118,13 @@ def sparse_checkpoints(rec):
     path.write_text(json.dumps(points))
 
 
+def guidance_tuned_for_one_run(rec):
+    path = rec / "run4" / "curve.json"
+    points = json.loads(path.read_text())
+    points[2]["cfg_scale"] = 8.0
+    path.write_text(json.dumps(points))
+
+
 def drop_a_hard_tag(rec):
     path = rec / "run5" / "samples.npz"
     packed = dict(np.load(path))
@@ -130,10 +139,11 @@ def drop_a_hard_tag(rec):
                                          (edit_time, "the curves give"),
                                          (set_nfe, "nfe 50, not 100"),
                                          (noise_samples, "rescored overall"),
-                                         (sparse_checkpoints, "at most 10.0 s apart (largest gap 12.0 s)"),
+                                         (sparse_checkpoints, "at most 7.0 s apart for a 16.8 s claim (largest gap 12.0 s)"),
+                                         (guidance_tuned_for_one_run, "sampled with different settings"),
                                          (drop_a_hard_tag, "a record scores the same number of prompts of every tag")],
                          ids=["missing-code", "edited-time", "nfe-50", "swapped-samples", "sparse-checkpoints",
-                              "dropped-tag"])
+                              "per-run-guidance", "dropped-tag"])
 def test_validator_rejects_a_corrupted_record_with_its_reason(record, tmp_path, edit, reason):
     bad = corrupt_copy(record, tmp_path, edit)
     problems = evaluate.check_record(bad)
@@ -148,6 +158,13 @@ def test_validator_rejects_too_few_runs(record, tmp_path):
         meta["runs"] = meta["runs"][:4]
         (rec / "record.json").write_text(json.dumps(meta))
     assert any("at least 5" in p for p in evaluate.check_record(corrupt_copy(record, tmp_path, four_runs)))
+
+
+def test_checkpoint_gap_is_five_percent_of_the_claim_above_a_floor():
+    # floor 5 s up to a 100 s claim, then 5% of the claim; 2 s for a checkpoint landing after its mark
+    assert evaluate.max_checkpoint_gap("shapes", 60.0) == pytest.approx(7.0)
+    assert evaluate.max_checkpoint_gap("shapes", 300.0) == pytest.approx(17.0)
+    assert evaluate.max_checkpoint_gap("imagenet", 6 * 3600.0) == pytest.approx(1080.0 + 60.0)
 
 
 def test_one_sided_p_value_follows_the_t_distribution():

@@ -85,7 +85,8 @@ def make_sampler(shapes_data, prompts, **kwargs):
 
 def test_sampler_takes_exactly_nfe_evaluations_per_image(shapes_data, checkpoint):
     prompts = data.read_metadata(shapes_data / "eval_metadata.jsonl")[:1]
-    sampler = make_sampler(shapes_data, prompts, images_per_prompt=3, batch_size=2)  # chunks of 2 and 1
+    sampler = make_sampler(shapes_data, prompts, images_per_prompt=3, batch_size=2,  # chunks of 2 and 1
+                           cfg_interval=(0.0, 1.0))  # guidance at every step (the default skips t < 0.3)
     sampler.load(checkpoint)
     sampler.forward = counter = CountingForward(sampler.forward)
     images = sampler.images()
