@@ -863,6 +863,7 @@ TARGETS = {"shapes": 0.90}  # overall score a record must reach
 CHECKPOINT_GAP_FRACTION = 0.05
 CHECKPOINT_GAP_FLOOR = {"shapes": 5.0, "imagenet": 600.0}  # training seconds
 CHECKPOINT_LATENESS = {"shapes": 2.0, "imagenet": 60.0}  # training seconds
+RUN_KEYS = ("seed", "out", "resume", "wandb")  # hyperparameters that may differ between the runs of one recipe
 SAMPLER_KEYS = ("nfe", "sampler", "cfg_scale", "cfg_interval", "time_shift", "weights", "seed", "images_per_prompt")
 MIN_RUNS, MAX_P = 5, 0.01
 
@@ -1004,6 +1005,7 @@ def check_record(folder):
     if len(runs) < MIN_RUNS:
         problems.append(f"record.json: {len(runs)} runs; a record needs at least {MIN_RUNS}")
     curves, code, hashes, seeds, eval_sets, samplers, gaps = [], set(), set(), set(), set(), set(), []
+    recipes, train_seeds = {}, []
     for run in runs:
         log_path, curve_path = folder / run / "log.txt", folder / run / "curve.json"
         try:
@@ -1018,6 +1020,12 @@ def check_record(folder):
             if not sections.get(section, "").strip():
                 problems.append(f"{log_path}: no '{section}' section (the log must embed the code and environment)")
         code.add(tuple(sections.get(f, "") for f in ("train_dit.py", "model.py", "data.py")))
+        try:  # the section opens with the JSON of the run's Hyperparameters
+            hp = json.JSONDecoder().raw_decode(sections.get("hyperparameters", "").strip())[0]
+            train_seeds.append(hp["seed"])
+            recipes[run] = {k: v for k, v in hp.items() if k not in RUN_KEYS}
+        except (ValueError, KeyError, TypeError):
+            problems.append(f"{log_path}: the hyperparameters section does not open with the run's JSON")
         found = [w.split("=", 1)[1] for w in log_text.split() if w.startswith("data_order_hash=")]
         if not found:
             problems.append(f"{log_path}: no data_order_hash")
@@ -1039,6 +1047,11 @@ def check_record(folder):
         problems.append(f"{folder}: the runs' logs embed different code")
     if len(hashes) > 1:
         problems.append(f"{folder}: the runs' logs give different data order hashes {sorted(hashes)}")
+    if len(set(map(str, train_seeds))) < len(train_seeds):
+        problems.append(f"{folder}: the runs share a training seed {train_seeds}; a record's runs use different seeds")
+    differing = sorted({k for r in recipes.values() for k in r if len({json.dumps(x.get(k)) for x in recipes.values()}) > 1})
+    if differing:
+        problems.append(f"{folder}: the runs' hyperparameters differ in {differing}; a record is one recipe")
     if len(samplers) > 1:  # settings chosen per run or per checkpoint would select on the metric
         problems.append(f"{folder}: checkpoints sampled with different settings: {' | '.join(sorted(samplers))}")
     if problems or not curves:

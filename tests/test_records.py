@@ -39,7 +39,10 @@ def five_runs(trained_run, truth_renders, tmp_path_factory):
     for r, noisy_at_claim in enumerate(NOISE_AT_CLAIM):
         run = root / f"r{r}"
         run.mkdir()
-        shutil.copy(trained_run / "log.txt", run / "log.txt")
+        text = (trained_run / "log.txt").read_text()  # one real log, given each run its own training seed
+        at = text.index("\n==================== hyperparameters\n")  # the header line, not train_dit.py's format string
+        assert '"seed": 0,' in text[at:]
+        (run / "log.txt").write_text(text[:at] + text[at:].replace('"seed": 0,', f'"seed": {r},', 1))
         points = []
         for k, noisy in enumerate([48, 24, noisy_at_claim]):
             ckpt = f"ckpt_{k:07d}"
@@ -125,6 +128,17 @@ def guidance_tuned_for_one_run(rec):
     path.write_text(json.dumps(points))
 
 
+def duplicate_a_run(rec):
+    shutil.copy(rec / "run1" / "log.txt", rec / "run2" / "log.txt")
+
+
+def change_one_runs_budget(rec):
+    log = rec / "run3" / "log.txt"
+    text = log.read_text()
+    at = text.index("\n==================== hyperparameters\n")
+    log.write_text(text[:at] + text[at:].replace('"budget_seconds": ', '"budget_seconds": 1', 1))
+
+
 def drop_a_hard_tag(rec):
     path = rec / "run5" / "samples.npz"
     packed = dict(np.load(path))
@@ -141,9 +155,11 @@ def drop_a_hard_tag(rec):
                                          (noise_samples, "rescored overall"),
                                          (sparse_checkpoints, "at most 7.0 s apart for a 16.8 s claim (largest gap 12.0 s)"),
                                          (guidance_tuned_for_one_run, "sampled with different settings"),
+                                         (duplicate_a_run, "the runs share a training seed [0, 0, 2, 3, 4]"),
+                                         (change_one_runs_budget, "hyperparameters differ in ['budget_seconds']"),
                                          (drop_a_hard_tag, "a record scores the same number of prompts of every tag")],
                          ids=["missing-code", "edited-time", "nfe-50", "swapped-samples", "sparse-checkpoints",
-                              "per-run-guidance", "dropped-tag"])
+                              "per-run-guidance", "duplicated-run", "other-recipe", "dropped-tag"])
 def test_validator_rejects_a_corrupted_record_with_its_reason(record, tmp_path, edit, reason):
     bad = corrupt_copy(record, tmp_path, edit)
     problems = evaluate.check_record(bad)
