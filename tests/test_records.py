@@ -30,6 +30,14 @@ def make_samples(truth, out, noisy, seed):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
 
 
+def edit_hyperparameters(text, old, new):
+    """A log's text with the first `old` of its hyperparameters section replaced (the header line, not
+    train_dit.py's format string)."""
+    at = text.index("\n==================== hyperparameters\n")
+    assert old in text[at:]
+    return text[:at] + text[at:].replace(old, new, 1)
+
+
 @pytest.fixture(scope="module")
 def five_runs(trained_run, truth_renders, tmp_path_factory):
     root = tmp_path_factory.mktemp("record_runs")
@@ -39,10 +47,9 @@ def five_runs(trained_run, truth_renders, tmp_path_factory):
     for r, noisy_at_claim in enumerate(NOISE_AT_CLAIM):
         run = root / f"r{r}"
         run.mkdir()
-        text = (trained_run / "log.txt").read_text()  # one real log, given each run its own training seed
-        at = text.index("\n==================== hyperparameters\n")  # the header line, not train_dit.py's format string
-        assert '"seed": 0,' in text[at:]
-        (run / "log.txt").write_text(text[:at] + text[at:].replace('"seed": 0,', f'"seed": {r},', 1))
+        # one real log, given each run its own training seed
+        log = (trained_run / "log.txt").read_text()
+        (run / "log.txt").write_text(edit_hyperparameters(log, '"seed": 0,', f'"seed": {r},'))
         points = []
         for k, noisy in enumerate([48, 24, noisy_at_claim]):
             ckpt = f"ckpt_{k:07d}"
@@ -92,18 +99,20 @@ def drop_model_code(rec):
     log.write_text(text[:start] + text[text.index("==================== data.py"):])
 
 
-def edit_time(rec):
-    path = rec / "run3" / "curve.json"
+def edit_curve(rec, run, change):
+    """Rewrite one run's curve.json through change(points)."""
+    path = rec / run / "curve.json"
     points = json.loads(path.read_text())
-    points[2]["train_seconds"] -= 3.0
+    change(points)
     path.write_text(json.dumps(points))
+
+
+def edit_time(rec):
+    edit_curve(rec, "run3", lambda points: points[2].update(train_seconds=points[2]["train_seconds"] - 3.0))
 
 
 def set_nfe(rec):
-    path = rec / "run1" / "curve.json"
-    points = json.loads(path.read_text())
-    points[1]["nfe"] = 50
-    path.write_text(json.dumps(points))
+    edit_curve(rec, "run1", lambda points: points[1].update(nfe=50))
 
 
 def noise_samples(rec):
@@ -114,18 +123,14 @@ def noise_samples(rec):
 
 
 def sparse_checkpoints(rec):
-    path = rec / "run2" / "curve.json"
-    points = json.loads(path.read_text())
-    for p in points:
-        p["train_seconds"] *= 3  # checkpoints 12 s apart
-    path.write_text(json.dumps(points))
+    def spread(points):  # checkpoints 12 s apart
+        for p in points:
+            p["train_seconds"] *= 3
+    edit_curve(rec, "run2", spread)
 
 
 def guidance_tuned_for_one_run(rec):
-    path = rec / "run4" / "curve.json"
-    points = json.loads(path.read_text())
-    points[2]["cfg_scale"] = 8.0
-    path.write_text(json.dumps(points))
+    edit_curve(rec, "run4", lambda points: points[2].update(cfg_scale=8.0))
 
 
 def duplicate_a_run(rec):
@@ -134,9 +139,7 @@ def duplicate_a_run(rec):
 
 def change_one_runs_budget(rec):
     log = rec / "run3" / "log.txt"
-    text = log.read_text()
-    at = text.index("\n==================== hyperparameters\n")
-    log.write_text(text[:at] + text[at:].replace('"budget_seconds": ', '"budget_seconds": 1', 1))
+    log.write_text(edit_hyperparameters(log.read_text(), '"budget_seconds": ', '"budget_seconds": 1'))
 
 
 def drop_a_hard_tag(rec):
