@@ -866,13 +866,13 @@ CHECKPOINT_LATENESS = {"shapes": 2.0, "imagenet": 60.0}  # training seconds
 RUN_KEYS = ("seed", "out", "resume", "wandb")  # hyperparameters that may differ between the runs of one recipe
 SAMPLER_KEYS = ("nfe", "sampler", "cfg_scale", "cfg_interval", "time_shift", "weights", "seed", "images_per_prompt")
 MIN_RUNS, MAX_P = 5, 0.01
+LOG_SECTIONS = ("train_dit.py", "model.py", "data.py", "environment", "hyperparameters")
 
 
 def max_checkpoint_gap(track, claimed_seconds):
     """The largest gap between consecutive checkpoints a record may have (training seconds)."""
     return (max(CHECKPOINT_GAP_FLOOR[track], CHECKPOINT_GAP_FRACTION * claimed_seconds)
             + CHECKPOINT_LATENESS[track])
-LOG_SECTIONS = ("train_dit.py", "model.py", "data.py", "environment", "hyperparameters")
 
 
 def log_sections(text):
@@ -1049,7 +1049,8 @@ def check_record(folder):
         problems.append(f"{folder}: the runs' logs give different data order hashes {sorted(hashes)}")
     if len(set(map(str, train_seeds))) < len(train_seeds):
         problems.append(f"{folder}: the runs share a training seed {train_seeds}; a record's runs use different seeds")
-    differing = sorted({k for r in recipes.values() for k in r if len({json.dumps(x.get(k)) for x in recipes.values()}) > 1})
+    keys = set().union(*recipes.values())
+    differing = sorted(k for k in keys if len({json.dumps(r.get(k)) for r in recipes.values()}) > 1)
     if differing:
         problems.append(f"{folder}: the runs' hyperparameters differ in {differing}; a record is one recipe")
     if len(samplers) > 1:  # settings chosen per run or per checkpoint would select on the metric
