@@ -896,8 +896,22 @@ def p_value_above(scores, target):
     return float(stats.ttest_1samp(scores, target, alternative="greater").pvalue)
 
 
-def record_statistics(curves, target):
-    """Time-to-target per run, and the claim: the earliest checkpoint mark whose scores beat the target at p < MAX_P."""
+def largest_gap(points, k):
+    """The largest gap between consecutive checkpoints of a run, from the start to its k-th (training seconds)."""
+    seconds = [0.0] + [p["train_seconds"] for p in points[:k + 1]]
+    return max(b - a for a, b in zip(seconds, seconds[1:]))
+
+
+def mark_evidence(curves, k, target):
+    """The runs' scores at the k-th checkpoint mark, the p-value of their test, and the mark's mean time."""
+    scores = [points[k]["overall"] for points in curves]
+    return scores, p_value_above(scores, target), float(np.mean([points[k]["train_seconds"] for points in curves]))
+
+
+def record_statistics(curves, target, track):
+    """Time-to-target per run, and the claim: the earliest checkpoint mark whose scores beat the target at
+    p < MAX_P and up to which every run's checkpoints keep the cadence for that claim (a cadence too coarse
+    for a mark defers the claim to a later mark, never to an earlier one)."""
     ttt = [time_to_target(points, target) for points in curves]
     reached = [t for t in ttt if t is not None]
     stats = {"target": target, "n": len(curves), "time_to_target": ttt,
@@ -905,11 +919,10 @@ def record_statistics(curves, target):
              "time_to_target_std": float(np.std(reached, ddof=1)) if len(reached) > 1 else None,
              "claimed_checkpoint": None, "claimed_seconds": None, "scores_at_claim": None, "p_value": None}
     for k in range(min(len(points) for points in curves)):
-        scores = [points[k]["overall"] for points in curves]
-        p = p_value_above(scores, target)
-        if p < MAX_P:
-            stats.update(claimed_checkpoint=k, scores_at_claim=scores, p_value=p,
-                         claimed_seconds=float(np.mean([points[k]["train_seconds"] for points in curves])))
+        scores, p, seconds = mark_evidence(curves, k, target)
+        allowed = max_checkpoint_gap(track, seconds)
+        if p < MAX_P and all(largest_gap(points, k) <= allowed for points in curves):
+            stats.update(claimed_checkpoint=k, scores_at_claim=scores, p_value=p, claimed_seconds=seconds)
             break
     return stats
 
@@ -950,9 +963,10 @@ def build_record(runs, out, name, track="shapes", target=None):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves = [json.loads((Path(r) / "curve.json").read_text()) for r in runs]
-    stats = record_statistics(curves, target)
+    stats = record_statistics(curves, target, track)
     if stats["claimed_checkpoint"] is None:
-        raise data.DataError(f"{runs[0]}: no checkpoint mark beats target {target} at p < {MAX_P} over {len(runs)} runs")
+        raise data.DataError(f"{runs[0]}: no checkpoint mark beats target {target} at p < {MAX_P} over {len(runs)} runs "
+                             f"with checkpoints at most {CHECKPOINT_GAP_FRACTION:.0%} of its time apart")
     k = stats["claimed_checkpoint"]
     names = [f"run{i + 1}" for i in range(len(runs))]
     logs = [(Path(r) / "log.txt").read_text() for r in runs]
@@ -1004,7 +1018,7 @@ def check_record(folder):
         problems.append(f"record.json: target {target} is not the {track} target {TARGETS[track]}")
     if len(runs) < MIN_RUNS:
         problems.append(f"record.json: {len(runs)} runs; a record needs at least {MIN_RUNS}")
-    curves, code, hashes, seeds, eval_sets, samplers, gaps = [], set(), set(), set(), set(), set(), []
+    curves, code, hashes, seeds, eval_sets, samplers = [], set(), set(), set(), set(), set()
     recipes, train_seeds = {}, []
     for run in runs:
         log_path, curve_path = folder / run / "log.txt", folder / run / "curve.json"
@@ -1040,8 +1054,6 @@ def check_record(folder):
         seconds = [0.0] + [p["train_seconds"] for p in points]
         if not points or any(b <= a for a, b in zip(seconds, seconds[1:])):
             problems.append(f"{curve_path}: no checkpoints, or their training seconds do not increase")
-        else:
-            gaps.append((curve_path, max(b - a for a, b in zip(seconds, seconds[1:]))))
         curves.append(points)
     if len(code) > 1:
         problems.append(f"{folder}: the runs' logs embed different code")
@@ -1057,20 +1069,23 @@ def check_record(folder):
         problems.append(f"{folder}: checkpoints sampled with different settings: {' | '.join(sorted(samplers))}")
     if problems or not curves:
         return problems
-    stats = record_statistics(curves, target)
+    stats = record_statistics(curves, target, track)
     for key in ("time_to_target", "time_to_target_mean", "time_to_target_std", "claimed_checkpoint",
                 "claimed_seconds", "scores_at_claim", "p_value"):
         if not np.allclose(np.array(stats[key], dtype=float), np.array(record.get(key), dtype=float), atol=1e-6,
                            equal_nan=True):
             problems.append(f"record.json: {key} is {record.get(key)!r}, the curves give {stats[key]!r}")
-    if stats["p_value"] is None or stats["p_value"] >= MAX_P:
-        problems.append(f"{folder}: no checkpoint mark beats {target} at p < {MAX_P}")
+    if stats["claimed_checkpoint"] is None:
+        problems.append(f"{folder}: no checkpoint mark beats {target} at p < {MAX_P} with the cadence it needs")
+        for k in range(min(len(points) for points in curves)):  # why the first mark that beats it is not a claim
+            _, p, seconds = mark_evidence(curves, k, target)
+            if p < MAX_P:
+                allowed = max_checkpoint_gap(track, seconds)
+                problems.extend(f"{folder / run / 'curve.json'}: checkpoints up to mark {k} at most {allowed:.1f} s "
+                                f"apart for a {seconds:.1f} s claim (largest gap {largest_gap(points, k):.1f} s)"
+                                for run, points in zip(runs, curves) if largest_gap(points, k) > allowed)
+                break
         return problems
-    allowed = max_checkpoint_gap(track, stats["claimed_seconds"])
-    for curve_path, gap in gaps:
-        if gap > allowed:
-            problems.append(f"{curve_path}: checkpoints at most {allowed:.1f} s apart for a "
-                            f"{stats['claimed_seconds']:.1f} s claim (largest gap {gap:.1f} s)")
     k = stats["claimed_checkpoint"]
     for run, points in zip(runs, curves):
         if track == "shapes":

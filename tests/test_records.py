@@ -156,7 +156,7 @@ def drop_a_hard_tag(rec):
                                          (edit_time, "the curves give"),
                                          (set_nfe, "nfe 50, not 100"),
                                          (noise_samples, "rescored overall"),
-                                         (sparse_checkpoints, "at most 7.0 s apart for a 16.8 s claim (largest gap 12.0 s)"),
+                                         (sparse_checkpoints, "up to mark 2 at most 7.0 s apart for a 16.8 s claim (largest gap 12.0 s)"),
                                          (guidance_tuned_for_one_run, "sampled with different settings"),
                                          (duplicate_a_run, "the runs share a training seed [0, 0, 2, 3, 4]"),
                                          (change_one_runs_budget, "hyperparameters differ in ['budget_seconds']"),
@@ -184,6 +184,20 @@ def test_checkpoint_gap_is_five_percent_of_the_claim_above_a_floor():
     assert evaluate.max_checkpoint_gap("shapes", 60.0) == pytest.approx(7.0)
     assert evaluate.max_checkpoint_gap("shapes", 300.0) == pytest.approx(17.0)
     assert evaluate.max_checkpoint_gap("imagenet", 6 * 3600.0) == pytest.approx(1080.0 + 60.0)
+
+
+def test_a_cadence_too_coarse_for_the_first_passing_mark_defers_the_claim():
+    # the real runs' shape: checkpoints every 15.6 s, all five runs above 0.90 from mark 16 (265.2 s) on.
+    # There 5% of the claim + 2 s is 15.26 s < 15.6 s; at mark 17 (280.8 s) it is 16.04 s, so the claim is mark 17
+    curves = [[{"train_seconds": 15.6 * (k + 1), "overall": 0.93 + 0.01 * r if k >= 16 else 0.5} for k in range(20)]
+              for r in range(5)]
+    stats = evaluate.record_statistics(curves, 0.90, "shapes")
+    assert stats["time_to_target"] == [pytest.approx(15.6 * 17)] * 5
+    assert stats["claimed_checkpoint"] == 17 and stats["claimed_seconds"] == pytest.approx(15.6 * 18)
+    for points in curves:  # 13 s apart: fine enough for mark 16 (221 s: 13.05 s allowed)
+        for k, p in enumerate(points):
+            p["train_seconds"] = 13.0 * (k + 1)
+    assert evaluate.record_statistics(curves, 0.90, "shapes")["claimed_checkpoint"] == 16
 
 
 def test_one_sided_p_value_follows_the_t_distribution():
