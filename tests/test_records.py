@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import evaluate
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 PROMPT_DIRS = [f"{i:05d}" for t in range(6) for i in range(t * 20, t * 20 + 2)]  # 2 prompts of each tag
 NOISE_AT_CLAIM = [0, 1, 0, 1, 2]  # noise images per run at the last checkpoint: scores 1 - k/48
@@ -217,3 +217,9 @@ def test_a_record_eval_set_is_the_first_prompts_of_every_tag():
     assert "not the first 3" in evaluate.shapes_eval_set_problem(picked, 0)
     uneven = sample.select_prompts(official, 3)[:-1]  # one color_attr prompt short
     assert "same number of prompts of every tag" in evaluate.shapes_eval_set_problem(uneven, 0)
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (REPO / "records").glob("*/*/record.json")))
+def test_every_committed_record_passes_the_validator(folder):
+    (path,) = (REPO / "records").glob(f"*/{folder}")
+    assert evaluate.check_record(path) == []
