@@ -858,7 +858,7 @@ def truth(args):
 # Records: pack n runs into a record folder, and check one (README.md, "Records")
 
 TARGETS = {"shapes": 0.90}  # overall score a record must reach
-# Checkpoint cadence (README): consecutive checkpoints at most 5% of the claimed time apart, never required
+# Checkpoint cadence (README): up to the claimed mark, checkpoints at most 5% of its time apart, never required
 # closer than the floor, plus the lateness of a checkpoint that lands at the first clock check after its mark.
 CHECKPOINT_GAP_FRACTION = 0.05
 CHECKPOINT_GAP_FLOOR = {"shapes": 5.0, "imagenet": 600.0}  # training seconds
