@@ -902,6 +902,13 @@ def largest_gap(points, k):
     return max(b - a for a, b in zip(seconds, seconds[1:]))
 
 
+def too_coarse(curves, k, seconds, track):
+    """{run index: largest checkpoint gap up to mark k} of the runs whose cadence is too coarse for a claim at
+    `seconds`, and the gap that such a claim allows."""
+    allowed = max_checkpoint_gap(track, seconds)
+    return {i: gap for i, points in enumerate(curves) if (gap := largest_gap(points, k)) > allowed}, allowed
+
+
 def mark_evidence(curves, k, target):
     """The runs' scores at the k-th checkpoint mark, the p-value of their test, and the mark's mean time."""
     scores = [points[k]["overall"] for points in curves]
@@ -920,8 +927,7 @@ def record_statistics(curves, target, track):
              "claimed_checkpoint": None, "claimed_seconds": None, "scores_at_claim": None, "p_value": None}
     for k in range(min(len(points) for points in curves)):
         scores, p, seconds = mark_evidence(curves, k, target)
-        allowed = max_checkpoint_gap(track, seconds)
-        if p < MAX_P and all(largest_gap(points, k) <= allowed for points in curves):
+        if p < MAX_P and not too_coarse(curves, k, seconds, track)[0]:
             stats.update(claimed_checkpoint=k, scores_at_claim=scores, p_value=p, claimed_seconds=seconds)
             break
     return stats
@@ -1080,10 +1086,9 @@ def check_record(folder):
         for k in range(min(len(points) for points in curves)):  # why the first mark that beats it is not a claim
             _, p, seconds = mark_evidence(curves, k, target)
             if p < MAX_P:
-                allowed = max_checkpoint_gap(track, seconds)
-                problems.extend(f"{folder / run / 'curve.json'}: checkpoints up to mark {k} at most {allowed:.1f} s "
-                                f"apart for a {seconds:.1f} s claim (largest gap {largest_gap(points, k):.1f} s)"
-                                for run, points in zip(runs, curves) if largest_gap(points, k) > allowed)
+                gaps, allowed = too_coarse(curves, k, seconds, track)
+                problems.extend(f"{folder / runs[i] / 'curve.json'}: checkpoints up to mark {k} at most {allowed:.1f} s "
+                                f"apart for a {seconds:.1f} s claim (largest gap {gap:.1f} s)" for i, gap in gaps.items())
                 break
         return problems
     k = stats["claimed_checkpoint"]

@@ -3,7 +3,8 @@
 Text conditioning is joint attention: the caption's token features are projected to the model
 width, optionally pass through caption-only blocks (`text_blocks`), and attend together with the
 image tokens in every block (one shared attention, as in DiT's in-context conditioning). The
-pooled caption embedding joins the timestep embedding in the adaLN-Zero modulation. A learned null caption replaces the text for classifier-free guidance.
+pooled caption embedding joins the timestep embedding in the adaLN-Zero modulation. A learned
+null caption replaces the text for classifier-free guidance.
 """
 import math
 from dataclasses import dataclass
