@@ -100,3 +100,15 @@ def test_vanilla_preset_trains_with_plain_ema(shapes_data, tmp_path):
     # Three steps of weight 1e-4: the EMA is still the init. With the warm-up (the default) the first
     # weights would be 0.9, 0.82, 0.75 and the ratio above 0.5 (checked by hand).
     assert plain < 1e-3, plain
+
+
+def test_depth_flag_overrides_the_model_presets_block_count(shapes_data, tmp_path):
+    from train_dit import load_checkpoint
+
+    run = train(shapes_data, tmp_path / "d2", 0, "--depth", 2, "--max_steps", 1)  # tiny has 4 blocks
+    ckpt = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
+    blocks = {k.split(".")[1] for k in ckpt["model"] if k.startswith("blocks.")}
+    assert ckpt["model_config"]["depth"] == 2 and blocks == {"0", "1"}
+    assert ckpt["model_config"]["hidden"] == 128  # the rest of the tiny preset stays
+    bad = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "bad", "--depth", -1)
+    assert bad.returncode != 0 and "--depth: must be >= 0, got -1" in bad.stderr
