@@ -959,8 +959,9 @@ def score_packed_samples(path, backend="shapes"):
     """(scores, prompts) of a pack_samples file."""
     packed = np.load(path)
     prompts = json.loads(str(packed["prompts"]))
+    images = packed["images"]  # read once: every packed[...] lookup decompresses the whole array again
     return summarize(score_images(((m, f"{i:05d}/{j:04d}", image) for i, m in enumerate(prompts)
-                                   for j, image in enumerate(packed["images"][i])), backend)), prompts
+                                   for j, image in enumerate(images[i])), backend)), prompts
 
 
 def build_record(runs, out, name, track="shapes", target=None):
