@@ -221,16 +221,27 @@ def select_prompts(prompts, per_tag=None):
     return kept
 
 
+def positive(kind):
+    """argparse type: a number of `kind` above 0 (a zero or negative one is a clear error, not a silent empty run)."""
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def add_sampling_args(p):
     p.add_argument("--data", default=None, help="shard directory (default: the one the checkpoint trained on)")
     p.add_argument("--prompts", default=None, help="GenEval metadata jsonl (default: the data's eval list)")
-    p.add_argument("--per-tag", type=int, default=None, help="only the first N prompts of each tag")
-    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--per-tag", type=positive(int), default=None, help="only the first N prompts of each tag")
+    p.add_argument("--images-per-prompt", type=positive(int), default=4)
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE)
-    p.add_argument("--time-shift", type=float, default=1.0, help="> 1: more steps at high noise (SD3 shift)")
+    p.add_argument("--time-shift", type=positive(float), default=1.0,
+                   help="> 1: more steps at high noise (SD3 shift); < 1: more steps near the image")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=CFG_INTERVAL, metavar=("LO", "HI"),
                    help="guide only the steps with t in [LO, HI]; the others skip the unconditional branch")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=positive(int), default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
