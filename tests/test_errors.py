@@ -147,14 +147,14 @@ def test_training_into_a_folder_with_checkpoints_is_refused(shapes_data, trained
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
-@pytest.mark.parametrize("cli,flag,value", [("sample.py", "--time-shift", "0"), ("sample.py", "--time-shift", "-2"),
-                                            ("sample.py", "--per-tag", "0"), ("evaluate.py curve", "--batch-size", "0")])
+@pytest.mark.parametrize("cli,flag,value", [("sample", "--time-shift", "0"), ("sample", "--time-shift", "-2"),
+                                            ("sample", "--per-tag", "0"), ("curve", "--batch-size", "0")])
 def test_nonpositive_sampling_numbers_are_refused_before_any_work(cli, flag, value, trained_run, tmp_path):
     # A zero time shift would collapse the 100 steps onto t = 0; zero prompts per tag would score nothing.
-    ckpt = trained_run / "checkpoints" / f"ckpt_{TRAIN_STEPS:07d}.pt"
-    script, *command = cli.split()
-    out = ["--out", tmp_path / "out"] if script == "sample.py" else []
-    result = run_cli(script, *command, ckpt if script == "sample.py" else trained_run, *out, flag, value)
+    run = shutil.copytree(trained_run, tmp_path / "run")  # curve writes into the run: a copy keeps the fixture clean
+    ckpt = run / "checkpoints" / f"ckpt_{TRAIN_STEPS:07d}.pt"
+    argv = ("sample.py", ckpt) if cli == "sample" else ("evaluate.py", "curve", run)
+    result = run_cli(*argv, flag, value)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: must be > 0, got {value}")
-    assert not (tmp_path / "out").exists()
+    assert not (run / "samples").exists() and not (run / "curve.json").exists()
