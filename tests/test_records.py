@@ -223,3 +223,12 @@ def test_a_record_eval_set_is_the_first_prompts_of_every_tag():
 def test_every_committed_record_passes_the_validator(folder):
     (path,) = (REPO / "records").glob(f"*/{folder}")
     assert evaluate.check_record(path) == []
+
+
+def test_the_committed_failed_attempt_has_no_claim():
+    # Five real runs (records/shapes-baseline-tuning.md, section 14): mean 0.914 at 160 s, t = 2.56 on 4 dof,
+    # p = 0.031; a normal approximation of the same statistic (p = 0.005) would have claimed 160 s.
+    curves = json.loads((REPO / "records/shapes-baseline-tuning/attempt-raw160-curves.json").read_text())
+    stats = evaluate.record_statistics(curves, 0.90, "shapes")
+    assert stats["claimed_checkpoint"] is None
+    assert evaluate.mark_evidence(curves, 15, 0.90)[1] == pytest.approx(0.031, abs=0.001)
