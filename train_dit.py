@@ -106,7 +106,8 @@ PRESETS = {
     # 300 s: 0.906 vs 0.840. Times at mean 1.0 (300 s, full list): 0.910 vs 0.885, colour attributes 0.81 vs 0.64
     # (records/shapes-baseline-tuning.md, sections 7, 9 and 10).
     # Six blocks instead of twelve at half the learning rates (H100, 60 s): overall 0.692 vs 0.492; at 150 s,
-    # 0.902, 0.935 and 0.892 on three seeds (section 12). The record of 2026-11-24 ran the twelve-block preset for 300 s.
+    # 0.902, 0.935 and 0.892 on three seeds (section 12). Record 1 ran the twelve-block preset for 300 s; record 2 ran
+    # this one with --budget_seconds 200 --ckpt_every_seconds 10 (170.3 s to 0.90, section 13).
     "shapes-gpu": dict(data="data/shapes", out="runs/shapes", model="S", depth=6, patch_size=8, batch_size=512,
                        optimizer="muon", qk_norm=True, lr=5e-4, muon_lr=0.01, lr_cooldown=0.5, text_blocks=2,
                        time_mean=1.0, budget_seconds=150, ckpt_every_seconds=15, log_every=25),
