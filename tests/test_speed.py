@@ -1,4 +1,4 @@
-"""Muon, QK-norm, the benchmark modes, synthetic shards, and the sampler's time grid and CFG interval."""
+"""Muon, QK-norm, the residual stream's dtype, the benchmark modes, synthetic shards, and the sampler's time grid and CFG interval."""
 import json
 
 import numpy as np
@@ -58,6 +58,38 @@ def test_muon_skips_a_nonfinite_step_whole(poisoned_data, tmp_path):
     assert [s for s in poisoned_steps if s <= 6] == [5, 6]
     before, after = load(run / "checkpoints" / "ckpt_0000004.pt"), load(run / "checkpoints" / "ckpt_0000006.pt")
     assert_same_training_state(before, after)  # Muon's momentum and the weights included
+
+
+def test_qk_norm_normalises_each_heads_queries_and_keys_before_attention():
+    torch.manual_seed(0)
+    attn = dit.Attention(32, heads=4, qk_norm=True)
+    for norm in attn.q_norm, attn.k_norm:
+        norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, 32)
+    q, k, v = attn.qkv(x).view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)  # (batch, heads, tokens, head_dim)
+
+    def rms_norm(z, weight):
+        return z / z.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * weight
+
+    scores = rms_norm(q, attn.q_norm.weight) @ rms_norm(k, attn.k_norm.weight).mT / 8 ** 0.5
+    expected = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_residual_stream_stays_bf16_under_autocast():
+    # fp32 position tables would promote it to fp32 (twice the bytes per elementwise pass on the GPU).
+    cfg = dit.DiTConfig(input_size=16, patch_size=8, hidden=32, depth=2, heads=4, text_blocks=1, text_dim=24,
+                        pooled_dim=24, text_len=4, prediction="image")
+    model = dit.DiT(cfg)
+    seen = []
+    for block in [*model.text_blocks, *model.blocks]:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 4, 24), torch.randn(2, 24))
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 3
+    seen.clear()
+    model(torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 4, 24), torch.randn(2, 24))
+    assert seen == [(torch.float32, torch.float32)] * 3  # without autocast, fp32 throughout
 
 
 # -----------------------------------------------------------------------------
