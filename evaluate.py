@@ -882,6 +882,11 @@ def log_sections(text):
     return {name.strip(): body for name, body in zip(parts[::2], parts[1::2])}
 
 
+def log_hyperparameters(text):
+    """The run's Hyperparameters as a dict: the JSON that opens the log's hyperparameters section."""
+    return json.JSONDecoder().raw_decode(log_sections(text).get("hyperparameters", "").strip())[0]
+
+
 def time_to_target(points, target):
     """Training seconds of the first checkpoint whose overall score reaches the target (None: never)."""
     return next((p["train_seconds"] for p in points if p["overall"] >= target), None)
@@ -964,6 +969,20 @@ def score_packed_samples(path, backend="shapes"):
                                    for j, image in enumerate(images[i])), backend)), prompts
 
 
+def run_table(names, logs, curves, stats):
+    """A markdown table of the runs: training seed, steps and images/s at the end (the machine's speed is part
+    of the clock), first checkpoint at the target, score at the claim."""
+    rows = ["| run | seed | steps | img/s (images / clock) | first checkpoint at target | score at the claim |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name, log_text, points, first, score in zip(names, logs, curves, stats["time_to_target"],
+                                                     stats["scores_at_claim"]):
+        last = points[-1]
+        rows.append(f"| {name} | {log_hyperparameters(log_text)['seed']} | {last['step']:,} | "
+                    f"{last['images_seen'] / last['train_seconds']:,.0f} | "
+                    f"{'never' if first is None else f'{first:.1f} s'} | {score:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
 def build_record(runs, out, name, track="shapes", target=None):
     """Copy n runs' logs and curves into `out`, pack the claimed checkpoint's samples, write record.json."""
     target = TARGETS[track] if target is None else target
@@ -1005,6 +1024,9 @@ def build_record(runs, out, name, track="shapes", target=None):
             f"- first checkpoint at target per run: mean {stats['time_to_target_mean']:.1f} s "
             f"+- {stats['time_to_target_std'] or 0:.1f} s\n"
             f"- parameters: {params:,}\n- hardware: {hardware}\n- evaluation samples: run*/samples.*\n\n"
+            f"{run_table(names, logs, curves, stats)}\n"
+            f"Runs of this attempt not in this record, with their scores (README.md, Records: every run\n"
+            f"started for an attempt is part of it): (none, or list them)\n\n"
             f"![curve](curve.png)\n")
     return record
 
@@ -1041,8 +1063,8 @@ def check_record(folder):
             if not sections.get(section, "").strip():
                 problems.append(f"{log_path}: no '{section}' section (the log must embed the code and environment)")
         code.add(tuple(sections.get(f, "") for f in ("train_dit.py", "model.py", "data.py")))
-        try:  # the section opens with the JSON of the run's Hyperparameters
-            hp = json.JSONDecoder().raw_decode(sections.get("hyperparameters", "").strip())[0]
+        try:
+            hp = log_hyperparameters(log_text)
             train_seeds.append(hp["seed"])
             recipes[run] = {k: v for k, v in hp.items() if k not in RUN_KEYS}
         except (ValueError, KeyError, TypeError):

@@ -81,6 +81,10 @@ def test_record_holds_runs_samples_and_recomputable_statistics(record):
         assert packed["images"].shape == (12, 4, 64, 64, 3)
     for name in ("README.md", "curve.png", "grid.png"):
         assert (record / name).exists()
+    readme = (record / "README.md").read_text()  # one row per run: seed from its log, steps and img/s at the end
+    assert "| run1 | 0 | 30 | 20 | 12.0 s | 1.000 |" in readme
+    assert "| run2 | 1 | 30 | 20 | 12.0 s | 0.979 |" in readme
+    assert "| run5 | 4 | 30 | 20 | 12.0 s | 0.958 |" in readme
     assert evaluate.check_record(record) == []
     result = run_cli("evaluate.py", "check-record", record)
     assert result.returncode == 0 and "record OK" in result.stdout
