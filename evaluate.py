@@ -882,9 +882,9 @@ def log_sections(text):
     return {name.strip(): body for name, body in zip(parts[::2], parts[1::2])}
 
 
-def log_hyperparameters(text):
-    """The run's Hyperparameters as a dict: the JSON that opens the log's hyperparameters section."""
-    return json.JSONDecoder().raw_decode(log_sections(text).get("hyperparameters", "").strip())[0]
+def log_hyperparameters(sections):
+    """The run's Hyperparameters as a dict: the JSON that opens the hyperparameters section of log_sections()."""
+    return json.JSONDecoder().raw_decode(sections.get("hyperparameters", "").strip())[0]
 
 
 def time_to_target(points, target):
@@ -977,7 +977,7 @@ def run_table(names, logs, curves, stats):
     for name, log_text, points, first, score in zip(names, logs, curves, stats["time_to_target"],
                                                      stats["scores_at_claim"]):
         last = points[-1]
-        rows.append(f"| {name} | {log_hyperparameters(log_text)['seed']} | {last['step']:,} | "
+        rows.append(f"| {name} | {log_hyperparameters(log_sections(log_text))['seed']} | {last['step']:,} | "
                     f"{last['images_seen'] / last['train_seconds']:,.0f} | "
                     f"{'never' if first is None else f'{first:.1f} s'} | {score:.3f} |")
     return "\n".join(rows) + "\n"
@@ -1064,7 +1064,7 @@ def check_record(folder):
                 problems.append(f"{log_path}: no '{section}' section (the log must embed the code and environment)")
         code.add(tuple(sections.get(f, "") for f in ("train_dit.py", "model.py", "data.py")))
         try:
-            hp = log_hyperparameters(log_text)
+            hp = log_hyperparameters(sections)
             train_seeds.append(hp["seed"])
             recipes[run] = {k: v for k, v in hp.items() if k not in RUN_KEYS}
         except (ValueError, KeyError, TypeError):

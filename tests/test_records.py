@@ -253,7 +253,7 @@ def test_the_withdrawn_165s_attempt_claims_on_its_five_runs_but_not_on_all_eight
     more = json.loads((tuning / "attempt-raw165-more-curves.json").read_text())
     tails = [points[-5:] for points in curves + list(more.values())]  # marks 15-19 of all eight runs
     assert [len(points) for points in more.values()] == [20, 5, 5]
-    p_at = {k: evaluate.p_value_above([points[k - 15]["overall"] for points in tails], 0.90) for k in (17, 18, 19)}
+    p_at = {k: evaluate.mark_evidence(tails, k - 15, 0.90)[1] for k in (17, 18, 19)}
     assert p_at[17] == pytest.approx(0.176, abs=0.001)
     assert p_at[18] == pytest.approx(0.017, abs=0.001)
     assert p_at[19] == pytest.approx(0.0026, abs=0.0002)
