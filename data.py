@@ -22,6 +22,7 @@ import os
 import queue
 import sys
 import threading
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -34,8 +35,9 @@ FORMAT = "imagegen-speedrun-shards"
 FORMAT_VERSION = 1
 
 
-class DataError(Exception):
-    """Bad input: the message names the file (and line/field) and what is wrong."""
+class UserError(Exception):
+    """A failure the user can act on (bad input, a bad flag, a full disk, a busy run folder): the programs
+    print it as one line, `error: <file>[:line]: <what is wrong>`, and exit non-zero."""
 
 
 # -----------------------------------------------------------------------------
@@ -235,67 +237,91 @@ def shapes_truth_image(seed, prompt_index, sample_index, prompt):
 # GenEval-format metadata files
 
 def read_jsonl(path):
-    """(where, row) for each non-blank line of a jsonl file; unreadable text raises DataError naming the line."""
+    """(where, row) for each non-blank line of a jsonl file; unreadable text raises UserError naming the line."""
     try:
         lines = Path(path).read_bytes().splitlines()
     except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
     for number, raw in enumerate(lines, 1):
         where = f"{path}:{number}"
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise DataError(f"{where}: not UTF-8 text") from None
+            raise UserError(f"{where}: not UTF-8 text") from None
         if not line.strip():
             continue
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
         except RecursionError:
-            raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
+            raise UserError(f"{where}: not valid JSON (nested too deeply)") from None
 
 
 def read_metadata(path):
-    """Parse a GenEval metadata jsonl file; a malformed line raises DataError naming line and field."""
+    """Parse a GenEval metadata jsonl file; a malformed line raises UserError naming line and field."""
     rows = []
     for where, row in read_jsonl(path):
         validate_prompt(row, where)
         rows.append(row)
     if not rows:
-        raise DataError(f"{path}: no prompts")
+        raise UserError(f"{path}: no prompts")
     return rows
 
 
 def validate_prompt(row, where):
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object")
+        raise UserError(f"{where}: expected a JSON object")
     for field, kind in (("tag", str), ("prompt", str), ("include", list)):
         if field not in row:
-            raise DataError(f"{where}: field '{field}' missing")
+            raise UserError(f"{where}: field '{field}' missing")
         if not isinstance(row[field], kind):
-            raise DataError(f"{where}: field '{field}' must be a {kind.__name__}")
+            raise UserError(f"{where}: field '{field}' must be a {kind.__name__}")
     if not isinstance(row.get("exclude", []), list):
-        raise DataError(f"{where}: field 'exclude' must be a list")
+        raise UserError(f"{where}: field 'exclude' must be a list")
     for key in ("include", "exclude"):
         for k, clause in enumerate(row.get(key, [])):
             if not isinstance(clause, dict) or not isinstance(clause.get("class"), str):
-                raise DataError(f"{where}: field '{key}[{k}].class' missing or not a string")
+                raise UserError(f"{where}: field '{key}[{k}].class' missing or not a string")
             if not isinstance(clause.get("count"), int) or clause["count"] < 1:
-                raise DataError(f"{where}: field '{key}[{k}].count' must be a positive integer")
+                raise UserError(f"{where}: field '{key}[{k}].count' must be a positive integer")
             if "color" in clause and not isinstance(clause["color"], str):
-                raise DataError(f"{where}: field '{key}[{k}].color' must be a string")
+                raise UserError(f"{where}: field '{key}[{k}].color' must be a string")
             if "position" in clause:
                 pos = clause["position"]
                 if (not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
                         or not isinstance(pos[1], int) or not 0 <= pos[1] < k):
-                    raise DataError(f"{where}: field '{key}[{k}].position' must be [relation, earlier group index]")
+                    raise UserError(f"{where}: field '{key}[{k}].position' must be [relation, earlier group index]")
 
 
 def write_metadata(path, rows):
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+GENEVAL_PROMPTS_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
+GENEVAL_PROMPTS_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"  # 553 prompts, commit af4902f
+CACHE_DIR = Path(os.environ.get("IMAGEGEN_SPEEDRUN_CACHE", Path.home() / ".cache" / "imagegen-speedrun"))
+
+
+def geneval_prompts_path():
+    """The official evaluation_metadata.jsonl, downloaded into the cache on first use."""
+    path = CACHE_DIR / "geneval" / "evaluation_metadata.jsonl"
+    if not path.exists():
+        try:
+            with urllib.request.urlopen(GENEVAL_PROMPTS_URL, timeout=30) as response:
+                body = response.read()
+        except OSError as e:
+            raise UserError(f"GenEval prompts: cannot download {GENEVAL_PROMPTS_URL} ({e}); download it on a "
+                            f"machine with network to {path}, or pass --prompts PATH") from None
+        if hashlib.sha256(body).hexdigest() != GENEVAL_PROMPTS_SHA256:
+            raise UserError(f"GenEval prompts: {GENEVAL_PROMPTS_URL} is not the official 553-prompt file "
+                            f"(sha256 differs); pass --prompts PATH")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_bytes(body)
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -316,7 +342,7 @@ class TextEncoder:
             try:
                 model = open_clip.create_model(name, pretrained=pretrained or None, **(overrides or {}))
             except Exception as e:  # hub unreachable, unknown tag, ...
-                raise DataError(
+                raise UserError(
                     f"text encoder {name} pretrained={pretrained!r} could not be loaded ({type(e).__name__}: {e}); "
                     f"on a machine with network run `python -c \"import open_clip; open_clip.create_model('{name}', "
                     f"pretrained='{pretrained}')\"` to fill the cache, or pass a local checkpoint path as pretrained") from None
@@ -336,7 +362,7 @@ class TextEncoder:
             too_long = (text[:, L:] != 0).any(dim=1)
             if too_long.any():
                 caption = captions[i + int(too_long.nonzero()[0, 0])]
-                raise DataError(f"caption longer than the text length {L} tokens: {caption!r}")
+                raise UserError(f"caption longer than the text length {L} tokens: {caption!r}")
             text = text[:, :L]
             x = m.token_embedding(text) + m.positional_embedding[:L]
             x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:L, :L]))
@@ -427,18 +453,18 @@ def read_manifest(root):
     """The manifest of a shard directory, checked for its format version and the fields the loader reads."""
     path = Path(root) / "manifest.json"
     if not path.exists():
-        raise DataError(f"{path}: missing (build the data first, e.g. `python data.py shapes --out {root}`)")
+        raise UserError(f"{path}: missing (build the data first, e.g. `python data.py shapes --out {root}`)")
     try:
         manifest = json.loads(path.read_bytes())
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except (UnicodeDecodeError, RecursionError) as e:
-        raise DataError(f"{path}: not valid JSON ({type(e).__name__})") from None
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{path}: field 'format' is {found!r}, expected {FORMAT!r}")
+        raise UserError(f"{path}: field 'format' is {found!r}, expected {FORMAT!r}")
     if manifest.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format version {manifest.get('version')!r}; this code reads version {FORMAT_VERSION}")
+        raise UserError(f"{path}: format version {manifest.get('version')!r}; this code reads version {FORMAT_VERSION}")
     check_manifest_fields(manifest, path)
     return manifest
 
@@ -447,10 +473,10 @@ JSON_KINDS = {int: "an integer", str: "a string", list: "a list", dict: "an obje
 
 
 def _field(obj, name, kind, path, where=""):
-    """obj[name] if it is a `kind` (a bool is no integer here), else a DataError naming the field."""
+    """obj[name] if it is a `kind` (a bool is no integer here), else a UserError naming the field."""
     value = obj.get(name) if isinstance(obj, dict) else None
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise DataError(f"{path}: field '{where}{name}' missing or not {JSON_KINDS[kind]}")
+        raise UserError(f"{path}: field '{where}{name}' missing or not {JSON_KINDS[kind]}")
     return value
 
 
@@ -463,7 +489,7 @@ def check_manifest_fields(manifest, path):
     _field(manifest, "track", str, path)
     for k, shard in enumerate(_field(manifest, "shards", list, path)):
         if _field(shard, "count", int, path, f"shards[{k}].") < 0:
-            raise DataError(f"{path}: field 'shards[{k}].count' is negative")
+            raise UserError(f"{path}: field 'shards[{k}].count' is negative")
         for part in ("latents", "captions"):
             file_entry(_field(shard, part, dict, path, f"shards[{k}]."), f"shards[{k}].{part}.")
     text = _field(manifest, "text", dict, path)
@@ -474,16 +500,16 @@ def check_manifest_fields(manifest, path):
     latent = _field(manifest, "latent", dict, path)
     shape = _field(latent, "shape", list, path, "latent.")
     if len(shape) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
-        raise DataError(f"{path}: field 'latent.shape' must be three positive integers (C, H, W)")
+        raise UserError(f"{path}: field 'latent.shape' must be three positive integers (C, H, W)")
     for name in ("mean", "std"):
         values = _field(latent, name, list, path, "latent.")
         if len(values) != shape[0] or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise DataError(f"{path}: field 'latent.{name}' must be {shape[0]} numbers, one per channel")
+            raise UserError(f"{path}: field 'latent.{name}' must be {shape[0]} numbers, one per channel")
     _field(latent, "autoencoder", str, path, "latent.")
 
 
 def verify_files(root, manifest, full=True):
-    """Check every file against the manifest; raise DataError naming the first one that does not match.
+    """Check every file against the manifest; raise UserError naming the first one that does not match.
 
     full=True hashes every byte. full=False, the check at every start of training, compares each size
     and the sha256 of 9 fixed 64 KiB windows from the first byte to the last: it catches truncated,
@@ -494,14 +520,14 @@ def verify_files(root, manifest, full=True):
     for entry in entries:
         path = Path(root) / entry["file"]
         if not path.is_file():
-            raise DataError(f"{path}: missing (listed in {Path(root) / 'manifest.json'})")
+            raise UserError(f"{path}: missing (listed in {Path(root) / 'manifest.json'})")
         if path.stat().st_size != entry["bytes"]:
-            raise DataError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
+            raise UserError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
         if full or "sampled_sha256" not in entry:  # manifests from before sampled hashes: hash it all
             if _sha256(path) != entry["sha256"]:
-                raise DataError(f"{path}: sha256 mismatch with the manifest (corrupt shard)")
+                raise UserError(f"{path}: sha256 mismatch with the manifest (corrupt shard)")
         elif _sampled_sha256(path) != entry["sampled_sha256"]:
-            raise DataError(f"{path}: sha256 of its sampled windows does not match the manifest (corrupt shard)")
+            raise UserError(f"{path}: sha256 of its sampled windows does not match the manifest (corrupt shard)")
 
 
 def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, text_model="ViT-B-32",
@@ -567,11 +593,11 @@ def list_imagenet(src):
     index_of = {info.index_to_label_name(i): i for i in range(info.num_classes())}
     src = Path(src)
     if not src.is_dir():
-        raise DataError(f"{src}: not a directory (expected ImageNet train: n01440764/..., one folder per synset)")
+        raise UserError(f"{src}: not a directory (expected ImageNet train: n01440764/..., one folder per synset)")
     folders = sorted(d for d in src.iterdir() if d.is_dir())
     unknown = [d.name for d in folders if d.name not in index_of]
     if not folders or unknown:
-        raise DataError(f"{src}: expected ImageNet synset folders (n01440764/...); found "
+        raise UserError(f"{src}: expected ImageNet synset folders (n01440764/...); found "
                         f"{', '.join(unknown[:3]) if unknown else 'none'}")
     paths, labels = [], []
     for folder in folders:
@@ -587,11 +613,11 @@ def read_captions_file(path, wanted):
     for where, row in read_jsonl(path):
         for field in ("path", "caption"):
             if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field]:
-                raise DataError(f"{where}: field '{field}' missing or not a non-empty string")
+                raise UserError(f"{where}: field '{field}' missing or not a non-empty string")
         captions[row["path"]] = row["caption"]
     missing = [p for p in wanted if p not in captions]
     if missing:
-        raise DataError(f"{path}: {len(missing)} images have no caption, e.g. {', '.join(missing[:3])}")
+        raise UserError(f"{path}: {len(missing)} images have no caption, e.g. {', '.join(missing[:3])}")
     return captions
 
 
@@ -622,7 +648,7 @@ class VAEAutoencoder:
             try:
                 vae = AutoencoderKL.from_pretrained(name)
             except Exception as e:  # hub unreachable, unknown id, missing files, ...
-                raise DataError(
+                raise UserError(
                     f"VAE {name!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]}); on a "
                     f"machine with network run `python -c \"from diffusers import AutoencoderKL; "
                     f"AutoencoderKL.from_pretrained('{name}').save_pretrained('vae')\"` and pass --vae vae, "
@@ -815,7 +841,7 @@ class ShardDataset:
             verify_files(root, self.manifest, full=verify == "full")
         shards, text, latent = self.manifest["shards"], self.manifest["text"], self.manifest["latent"]
         if not sum(s["count"] for s in shards):
-            raise DataError(f"{self.root / 'manifest.json'}: field 'shards' lists no samples")
+            raise UserError(f"{self.root / 'manifest.json'}: field 'shards' lists no samples")
         self.latent_shape = tuple(latent["shape"])
         # Every array's shape is checked against the manifest here, not met as an IndexError mid-run.
         self.text_tokens = self._array("text_tokens.npy", "r", (None, text["seq_len"], text["width"]))
@@ -827,7 +853,7 @@ class ShardDataset:
                         for s in shards]
         self.caption_ids = np.concatenate([self._array(s["captions"]["file"], None, (s["count"],)) for s in shards])
         if not np.all((self.caption_ids >= 0) & (self.caption_ids < len(self.text_tokens))):
-            raise DataError(f"{self.root}: caption indices outside the {len(self.text_tokens)}-caption table")
+            raise UserError(f"{self.root}: caption indices outside the {len(self.text_tokens)}-caption table")
         self.starts = np.cumsum([0] + [s["count"] for s in shards])
         self.mean = torch.tensor(latent["mean"], dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(latent["std"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -838,10 +864,10 @@ class ShardDataset:
         try:
             array = np.load(path, mmap_mode=mmap_mode)
         except (OSError, ValueError) as e:
-            raise DataError(f"{path}: not a readable .npy array ({e})") from None
+            raise UserError(f"{path}: not a readable .npy array ({e})") from None
         if len(array.shape) != len(shape) or any(n is not None and n != m for n, m in zip(shape, array.shape)):
             expected = tuple("n" if n is None else n for n in shape)
-            raise DataError(f"{path}: shape {array.shape}, the manifest says {expected}")
+            raise UserError(f"{path}: shape {array.shape}, the manifest says {expected}")
         return array
 
     def __len__(self):
@@ -1039,5 +1065,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")

@@ -237,9 +237,6 @@ def shapes_backend(options=None):
 # -----------------------------------------------------------------------------
 # GenEval on COCO: the official prompts, class names and colour templates
 
-GENEVAL_PROMPTS_URL = "https://raw.githubusercontent.com/djghosh13/geneval/main/prompts/evaluation_metadata.jsonl"
-GENEVAL_PROMPTS_SHA256 = "5c48e0813e812e3c373fa5c8ed07a8f0a483be30272b4427b0559c8048e67c13"  # 553 prompts, commit af4902f
-CACHE_DIR = Path(os.environ.get("IMAGEGEN_SPEEDRUN_CACHE", Path.home() / ".cache" / "imagegen-speedrun"))
 # The 80 COCO classes in the detector's index order, under GenEval's names (its object_names.txt).
 COCO_CLASSES = (
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
@@ -254,26 +251,6 @@ COCO_CLASSES = (
 COLOR_NAMES = tuple(data.COLORS)  # GenEval's ten colours, in its order (argmax ties go to the first)
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 CROP_BACKGROUND = 0x99  # GenEval composites each object onto #999 before classifying its colour
-
-
-def geneval_prompts_path():
-    """The official evaluation_metadata.jsonl, downloaded into the cache on first use."""
-    path = CACHE_DIR / "geneval" / "evaluation_metadata.jsonl"
-    if not path.exists():
-        import urllib.request
-        try:
-            with urllib.request.urlopen(GENEVAL_PROMPTS_URL, timeout=30) as response:
-                body = response.read()
-        except OSError as e:
-            raise data.DataError(f"GenEval prompts: cannot download {GENEVAL_PROMPTS_URL} ({e}); download it on a "
-                                 f"machine with network to {path}, or pass --prompts PATH") from None
-        if hashlib.sha256(body).hexdigest() != GENEVAL_PROMPTS_SHA256:
-            raise data.DataError(f"GenEval prompts: {GENEVAL_PROMPTS_URL} is not the official 553-prompt file "
-                                 f"(sha256 differs); pass --prompts PATH")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_bytes(body)
-        os.replace(path.with_suffix(".tmp"), path)
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -309,7 +286,7 @@ MASK2FORMER_SWIN_S = dict(
 
 def weights_error(what, name, e, hint):
     first = (str(e).strip().splitlines() or [""])[0][:160]
-    return data.DataError(f"{what} {name!r} could not be loaded ({type(e).__name__}: {first}); {hint}")
+    return data.UserError(f"{what} {name!r} could not be loaded ({type(e).__name__}: {first}); {hint}")
 
 
 @lru_cache(maxsize=2)
@@ -327,7 +304,7 @@ def load_mask2former(name, config_json, device):
             raise weights_error("detector", name, e, f"on a machine with network run `hf download {name}` (then set "
                                 f"HF_HUB_OFFLINE=1 here) or save it to a folder and pass --detector PATH") from None
     if model.config.num_labels != len(COCO_CLASSES):
-        raise data.DataError(f"detector {name!r}: {model.config.num_labels} classes; GenEval needs the 80 COCO classes")
+        raise data.UserError(f"detector {name!r}: {model.config.num_labels} classes; GenEval needs the 80 COCO classes")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -505,10 +482,10 @@ GENEVAL_METRICS = {"shapes": "geneval-shapes", "mask2former": "geneval-m2f", "of
 def official_rows(folder, options):
     """Run the checkout's evaluation/evaluate_images.py on `folder`; its results.jsonl rows."""
     if not options.geneval_dir:
-        raise data.DataError("--backend official needs --geneval-dir (a djghosh13/geneval checkout)")
+        raise data.UserError("--backend official needs --geneval-dir (a djghosh13/geneval checkout)")
     script = Path(options.geneval_dir) / "evaluation" / "evaluate_images.py"
     if not script.exists():
-        raise data.DataError(f"{script}: not found (--geneval-dir must be a djghosh13/geneval checkout)")
+        raise data.UserError(f"{script}: not found (--geneval-dir must be a djghosh13/geneval checkout)")
     expected = sum(len(paths) for _, _, paths in read_sample_folder(folder))
     with tempfile.TemporaryDirectory() as tmp:
         outfile = Path(tmp) / "results.jsonl"
@@ -518,21 +495,21 @@ def official_rows(folder, options):
         try:
             result = subprocess.run(command, cwd=options.geneval_dir, capture_output=True, text=True)
         except OSError as e:
-            raise data.DataError(f"--geneval-python {options.geneval_python}: cannot run ({e.strerror or e})") from None
+            raise data.UserError(f"--geneval-python {options.geneval_python}: cannot run ({e.strerror or e})") from None
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise data.DataError(f"{script}: exited with {result.returncode}: {last}")
+            raise data.UserError(f"{script}: exited with {result.returncode}: {last}")
         rows = []
         for number, line in enumerate(outfile.read_text().splitlines() if outfile.exists() else [], 1):
             try:
                 row = json.loads(line)
             except ValueError:
-                raise data.DataError(f"{script} output line {number}: not JSON") from None
+                raise data.UserError(f"{script} output line {number}: not JSON") from None
             if not isinstance(row, dict) or not {"filename", "tag", "correct", "details"} <= set(row):
-                raise data.DataError(f"{script} output line {number}: fields filename, tag, correct, details expected")
+                raise data.UserError(f"{script} output line {number}: fields filename, tag, correct, details expected")
             rows.append(row)
     if len(rows) != expected:
-        raise data.DataError(f"{script}: scored {len(rows)} images of {folder}, which holds {expected}")
+        raise data.UserError(f"{script}: scored {len(rows)} images of {folder}, which holds {expected}")
     if all(json.loads(row["details"]) == {} for row in rows):
         # The known silent failure of the mmdet stack: every confidence below threshold on some GPUs.
         print(f"warning: {script} detected no object in any of the {len(rows)} images of {folder}; check the mmcv "
@@ -549,7 +526,7 @@ def read_sample_folder(folder):
     folder = Path(folder)
     prompt_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()) if folder.is_dir() else []
     if not prompt_dirs:
-        raise data.DataError(f"{folder}: no prompt folders (expected {folder}/00000/metadata.jsonl)")
+        raise data.UserError(f"{folder}: no prompt folders (expected {folder}/00000/metadata.jsonl)")
     listed = {d: sorted((d / "samples").glob("*.png")) for d in prompt_dirs}
     # Images per prompt: as the sampler recorded it, else the most any prompt folder holds.
     info = folder / "sampling.json"
@@ -559,12 +536,12 @@ def read_sample_folder(folder):
     for d, images in listed.items():
         meta_path = d / "metadata.jsonl"
         if not meta_path.exists():
-            raise data.DataError(f"{meta_path}: missing")
+            raise data.UserError(f"{meta_path}: missing")
         metadata = data.read_metadata(meta_path)[0]
         names = {p.name for p in images}
         missing = [f"{k:04d}.png" for k in range(max(expected, 1)) if f"{k:04d}.png" not in names]
         if missing:
-            raise data.DataError(f"{d / 'samples' / missing[0]}: missing image (expected {expected} per prompt)")
+            raise data.UserError(f"{d / 'samples' / missing[0]}: missing image (expected {expected} per prompt)")
         entries.append((int(d.name), metadata, images))
     return entries
 
@@ -619,11 +596,11 @@ def compare_results(path_a, path_b):
         try:
             rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
         except (OSError, ValueError) as e:
-            raise data.DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+            raise data.UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
         return {"/".join(Path(r["filename"]).parts[-3:]): r for r in rows}  # <prompt>/samples/<image>.png
     a, b = read(path_a), read(path_b)
     if a.keys() != b.keys():
-        raise data.DataError(f"{path_b}: holds other images than {path_a}")
+        raise data.UserError(f"{path_b}: holds other images than {path_a}")
     scores_a, scores_b = summarize(a.values()), summarize(b.values())
     agreement = float(np.mean([a[k]["correct"] == b[k]["correct"] for k in a]))
     return {task: (scores_a[task], scores_b[task]) for task in scores_a}, agreement
@@ -662,17 +639,17 @@ def hpsv3_values(paths, prompts, options):
             result = subprocess.run([options.hpsv3_python, "-c", HPSV3_WORKER], input=json.dumps(job), text=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except OSError as e:
-            raise data.DataError(f"--hpsv3-python {options.hpsv3_python}: cannot run ({e.strerror or e})") from None
+            raise data.UserError(f"--hpsv3-python {options.hpsv3_python}: cannot run ({e.strerror or e})") from None
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise data.DataError(
+            raise data.UserError(
                 f"HPSv3 under {options.hpsv3_python} failed ({last[:200]}); it needs `pip install hpsv3` in that "
                 f"environment (--hpsv3-python) and the weights MizzenAI/HPSv3 and Qwen/Qwen2-VL-7B-Instruct: on a "
                 f"machine with network run `hf download MizzenAI/HPSv3` and `hf download Qwen/Qwen2-VL-7B-Instruct` "
                 f"(then HF_HUB_OFFLINE=1), or pass --hpsv3-checkpoint PATH")
         values = [json.loads(line) for line in Path(job["out"]).read_text().splitlines()]
     if len(values) != len(paths):
-        raise data.DataError(f"HPSv3 under {options.hpsv3_python}: {len(values)} scores for {len(paths)} images")
+        raise data.UserError(f"HPSv3 under {options.hpsv3_python}: {len(values)} scores for {len(paths)} images")
     return values
 
 
@@ -732,7 +709,7 @@ def read_prompt_file(path):
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".json", ".jsonl"))
         if not files:
-            raise data.DataError(f"{path}: no .txt, .json or .jsonl prompt files")
+            raise data.UserError(f"{path}: no .txt, .json or .jsonl prompt files")
         return [row for p in files for row in read_prompt_file(p)]
     try:
         text = path.read_text()
@@ -743,7 +720,7 @@ def read_prompt_file(path):
         else:
             items = [json.loads(line) for line in text.splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise data.DataError(f"{path}: cannot be read as a prompt file ({type(e).__name__}: {e})") from None
+        raise data.UserError(f"{path}: cannot be read as a prompt file ({type(e).__name__}: {e})") from None
     rows = []
     for number, item in enumerate(items if isinstance(items, list) else [None], 1):
         if isinstance(item, dict) and isinstance(item.get("prompt"), str):
@@ -751,10 +728,10 @@ def read_prompt_file(path):
         if isinstance(item, str):
             item = (item, path.stem)
         if not isinstance(item, tuple) or not isinstance(item[1], str):
-            raise data.DataError(f"{path}: item {number}: expected a prompt string or a {{\"prompt\", \"category\"}} object")
+            raise data.UserError(f"{path}: item {number}: expected a prompt string or a {{\"prompt\", \"category\"}} object")
         rows.append({"tag": item[1], "prompt": item[0], "include": []})
     if not rows:
-        raise data.DataError(f"{path}: no prompts")
+        raise data.UserError(f"{path}: no prompts")
     return rows
 
 
@@ -817,7 +794,7 @@ def curve(args):
     sampler = None
     if not args.from_samples:
         if "geneval" in args.metrics and args.backend != "shapes" and not args.prompts:
-            args.prompts = str(geneval_prompts_path())  # the COCO detectors judge GenEval's own prompts
+            args.prompts = str(data.geneval_prompts_path())  # the COCO detectors judge GenEval's own prompts
         sampler = sample.sampler_from_args(args, ckpts[0])
     points = []
     for ckpt_path in ckpts:
@@ -827,7 +804,7 @@ def curve(args):
         elif (out / "sampling.json").exists():
             info = json.loads((out / "sampling.json").read_text())
         else:
-            raise data.DataError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
+            raise data.UserError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
         if sample.distributed()[0] != 0:  # under torchrun, rank 0 scores what the ranks sampled
             continue
         scores = score_metrics(out, args.metrics, args.backend, options)
@@ -991,7 +968,7 @@ def build_record(runs, out, name, track="shapes", target=None):
     curves = [json.loads((Path(r) / "curve.json").read_text()) for r in runs]
     stats = record_statistics(curves, target, track)
     if stats["claimed_checkpoint"] is None:
-        raise data.DataError(f"{runs[0]}: no checkpoint mark beats target {target} at p < {MAX_P} over {len(runs)} runs "
+        raise data.UserError(f"{runs[0]}: no checkpoint mark beats target {target} at p < {MAX_P} over {len(runs)} runs "
                              f"with checkpoints at most {CHECKPOINT_GAP_FRACTION:.0%} of its time apart")
     k = stats["claimed_checkpoint"]
     names = [f"run{i + 1}" for i in range(len(runs))]
@@ -1265,7 +1242,7 @@ def main(argv=None):
     elif args.command == "plot":
         missing = [run for run in args.runs if not (Path(run) / f"{args.curve}.json").exists()]
         if missing:
-            raise data.DataError(f"{Path(missing[0]) / args.curve}.json: missing (run `evaluate.py curve` first)")
+            raise data.UserError(f"{Path(missing[0]) / args.curve}.json: missing (run `evaluate.py curve` first)")
         plot_curves({run: json.loads((Path(run) / f"{args.curve}.json").read_text()) for run in args.runs},
                     args.out, args.metrics)
         print(f"wrote {args.out}")
@@ -1275,7 +1252,7 @@ def main(argv=None):
             print(f"{task:14s} {a:.4f}  {b:.4f}  difference {b - a:+.4f}")
         print(f"images with the same verdict: {agreement:.4f}")
     elif args.command == "geneval-prompts":
-        print(geneval_prompts_path())
+        print(data.geneval_prompts_path())
     elif args.command == "hpsv3-prompts":
         rows = read_prompt_file(args.src)
         data.write_metadata(args.out, rows)
@@ -1300,5 +1277,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except data.DataError as e:
+    except data.UserError as e:
         sys.exit(f"error: {e}")

@@ -106,7 +106,7 @@ class Sampler:
     def load(self, ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["model_config"]["text_dim"] != self.tokens.shape[-1]:
-            raise data.DataError(f"{ckpt_path}: checkpoint expects text width {ckpt['model_config']['text_dim']}, "
+            raise data.UserError(f"{ckpt_path}: checkpoint expects text width {ckpt['model_config']['text_dim']}, "
                                  f"the data's text encoder gives {self.tokens.shape[-1]}")
         if ckpt["model_config"] != self.model_config:
             self.model_config = ckpt["model_config"]
@@ -146,7 +146,7 @@ class Sampler:
         """Sample one checkpoint into `out` in GenEval's layout; returns the checkpoint's metadata.
 
         The files are written to a staging folder beside `out`, then moved in: a write that fails (a
-        full disk, ...) is a one-line DataError that leaves `out` as it was and no staging folder.
+        full disk, ...) is a one-line UserError that leaves `out` as it was and no staging folder.
         """
         ckpt = self.load(ckpt_path)
         images = self.images()
@@ -163,7 +163,7 @@ class Sampler:
             self.write(images, info, staging)
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
-            raise data.DataError(f"{out}: could not write the samples ({e.strerror or e}); "
+            raise data.UserError(f"{out}: could not write the samples ({e.strerror or e}); "
                                  f"{out} is unchanged") from None
         out.mkdir(parents=True, exist_ok=True)
         (out / "sampling.json").unlink(missing_ok=True)  # moved in last: its presence means complete
@@ -204,7 +204,7 @@ def checkpoints_of(run):
         return [run]
     found = sorted((run / "checkpoints").glob("ckpt_*.pt"))
     if not found:
-        raise data.DataError(f"{run}: no checkpoints (expected {run}/checkpoints/ckpt_*.pt)")
+        raise data.UserError(f"{run}: no checkpoints (expected {run}/checkpoints/ckpt_*.pt)")
     return found
 
 
@@ -256,8 +256,7 @@ def sampler_from_args(args, ckpt_path):
     elif manifest.get("eval_metadata"):  # Shapes: the data's own evaluation list
         prompts_path = Path(data_dir) / manifest["eval_metadata"]
     else:  # ImageNet: GenEval's official 553 prompts, downloaded once into the cache
-        import evaluate
-        prompts_path = evaluate.geneval_prompts_path()
+        prompts_path = data.geneval_prompts_path()
     prompts = data.read_metadata(prompts_path)
     distributed()
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -340,5 +339,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except data.DataError as e:
+    except data.UserError as e:
         sys.exit(f"error: {e}")

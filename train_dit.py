@@ -189,9 +189,9 @@ def main(hp: Hyperparameters):
     else:
         device = torch.device("cpu")
     if hp.batch_size % world_size:
-        raise data.DataError(f"--batch_size {hp.batch_size} does not split evenly over {world_size} ranks")
+        raise data.UserError(f"--batch_size {hp.batch_size} does not split evenly over {world_size} ranks")
     if hp.micro_batch_size and (hp.batch_size // world_size) % hp.micro_batch_size:
-        raise data.DataError(f"--micro_batch_size {hp.micro_batch_size} does not divide the per-rank batch "
+        raise data.UserError(f"--micro_batch_size {hp.micro_batch_size} does not divide the per-rank batch "
                              f"{hp.batch_size // world_size}")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -210,7 +210,7 @@ def main(hp: Hyperparameters):
     out = Path(hp.out)
     if not hp.resume and not hp.bench and list((out / "checkpoints").glob("*.pt")):
         # A second run into the same folder would mix two runs' logs and curves.
-        raise data.DataError(f"{out / 'checkpoints'}: already holds checkpoints; pass --resume or another --out")
+        raise data.UserError(f"{out / 'checkpoints'}: already holds checkpoints; pass --resume or another --out")
     (out if hp.bench else out / "checkpoints").mkdir(parents=True, exist_ok=True)
     logfile = open(out / "log.txt", "a") if master else None
 
@@ -298,7 +298,7 @@ def main(hp: Hyperparameters):
         ckpt = load_checkpoint(hp.resume, cfg)
         missing = sorted(RESUME_FIELDS - ckpt.keys())
         if missing:
-            raise data.DataError(f"{hp.resume}: cannot resume from it, it lacks {missing} (an older train_dit.py?)")
+            raise data.UserError(f"{hp.resume}: cannot resume from it, it lacks {missing} (an older train_dit.py?)")
         load_weights(raw_model, ckpt["model"], hp.resume)
         load_weights(ema, ckpt["ema"], hp.resume)
         for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
@@ -413,14 +413,14 @@ def main(hp: Hyperparameters):
         # Never a checkpoint of non-finite weights: an update can blow them up with finite gradients
         # (a huge learning rate), so they are checked here too, on every rank (one sync per checkpoint).
         if not torch.stack([torch.isfinite(p).all() for p in model_params + ema_params]).all():
-            raise data.DataError(f"step {step}: the weights are not finite (NaN/Inf) after the update; no checkpoint "
+            raise data.UserError(f"step {step}: the weights are not finite (NaN/Inf) after the update; no checkpoint "
                                  f"written, the last good one is {last_checkpoint or 'none (none written yet)'}")
         if world_size > 1:  # DDP keeps replicas identical: check it once per checkpoint (exact per-tensor sums)
             fingerprint = torch.stack([p.double().pow(2).sum() for p in model_params + ema_params])
             every = [torch.empty_like(fingerprint) for _ in range(world_size)]
             dist.all_gather(every, fingerprint)
             if not all(torch.equal(every[0], f) for f in every[1:]):
-                raise data.DataError(f"step {step}: the ranks' weights differ (DDP replicas diverged)")
+                raise data.UserError(f"step {step}: the ranks' weights differ (DDP replicas diverged)")
             log(f"step {step}: weights identical on all {world_size} ranks")
         path = out / "checkpoints" / f"ckpt_{step:07d}.pt"
         if master:
@@ -486,7 +486,7 @@ def main(hp: Hyperparameters):
                        f"last good checkpoint: {last_checkpoint or 'none written yet'} "
                        f"(--skip_nonfinite true skips such steps)")
             log(f"error: {message}", echo=False)
-            raise data.DataError(message)
+            raise data.UserError(message)
         rate = hp.batch_size * len(loss_values) / max(clock - train_seconds, 1e-9)
         log(f"step {step} | train {clock:.1f} s | loss {sum(loss_values) / len(loss_values):.4f} | "
             f"{rate:.0f} img/s | images {step * hp.batch_size}", echo=progress is None)
@@ -661,7 +661,7 @@ class Muon(torch.optim.Optimizer):
 def atomic_save(obj, path):
     """Write to a temporary file, fsync, then rename: a killed save leaves the old file intact.
 
-    A write that fails (a full disk, ...) removes the temporary file and raises a one-line DataError;
+    A write that fails (a full disk, ...) removes the temporary file and raises a one-line UserError;
     the file at `path`, if any, is untouched.
     """
     path = Path(path)
@@ -674,7 +674,7 @@ def atomic_save(obj, path):
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise data.DataError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
+        raise data.UserError(f"{path}: could not write the checkpoint ({e.strerror or e}); "
                              f"nothing was replaced") from None
     directory = os.open(path.parent, os.O_RDONLY)
     os.fsync(directory)  # the rename itself survives a power cut
@@ -690,19 +690,19 @@ def load_checkpoint(path, expected_cfg=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise data.DataError(f"{path}: checkpoint not found") from None
+        raise data.UserError(f"{path}: checkpoint not found") from None
     except Exception as e:
-        raise data.DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise data.UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt:
-        raise data.DataError(f"{path}: not a train_dit.py checkpoint (no 'model_config')")
+        raise data.UserError(f"{path}: not a train_dit.py checkpoint (no 'model_config')")
     unknown = ckpt["model_config"].keys() - {f.name for f in dataclasses.fields(dit.DiTConfig)}
     if unknown:
-        raise data.DataError(f"{path}: checkpoint config has fields model.py does not know: {sorted(unknown)}")
+        raise data.UserError(f"{path}: checkpoint config has fields model.py does not know: {sorted(unknown)}")
     if expected_cfg is not None:
         diffs = [f"{k} {v!r} != {getattr(expected_cfg, k)!r}" for k, v in ckpt["model_config"].items()
                  if getattr(expected_cfg, k, None) != v]
         if diffs:
-            raise data.DataError(f"{path}: checkpoint is for another model config ({', '.join(diffs)})")
+            raise data.UserError(f"{path}: checkpoint is for another model config ({', '.join(diffs)})")
     return ckpt
 
 
@@ -710,12 +710,12 @@ def load_weights(module, state_dict, path):
     """load_state_dict, with weights that do not fit the model (model.py edited since?) as a one-line error."""
     missing, unexpected = module.state_dict().keys() - state_dict.keys(), state_dict.keys() - module.state_dict().keys()
     if missing or unexpected:
-        raise data.DataError(f"{path}: weights do not fit model.py (missing {sorted(missing)[:3]}, "
+        raise data.UserError(f"{path}: weights do not fit model.py (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]})")
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as e:
-        raise data.DataError(f"{path}: weights do not fit model.py ({str(e).splitlines()[-1].strip()})") from None
+        raise data.UserError(f"{path}: weights do not fit model.py ({str(e).splitlines()[-1].strip()})") from None
 
 
 def environment_report():
@@ -740,5 +740,5 @@ def tqdm_or_none(master, total, initial):
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except data.DataError as e:
+    except data.UserError as e:
         sys.exit(f"error: {e}")

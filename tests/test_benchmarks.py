@@ -59,7 +59,7 @@ def test_official_prompt_file_has_553_prompts_in_six_tags():
     assert len(path.read_text().splitlines()) == len(rows) == 553
     assert Counter(r["tag"] for r in rows) == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94,
                                                "position": 100, "color_attr": 100}
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == evaluate.GENEVAL_PROMPTS_SHA256
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == data.GENEVAL_PROMPTS_SHA256
     clauses = [c for r in rows for key in ("include", "exclude") for c in r.get(key, [])]
     assert {c["class"] for c in clauses} <= set(evaluate.COCO_CLASSES)
     assert {c["color"] for c in clauses if "color" in c} <= set(evaluate.COLOR_NAMES)
@@ -72,15 +72,15 @@ def test_coco_class_names_are_genevals_in_the_detector_order():
 
 
 def test_geneval_prompts_download_failure_says_how_to_get_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.setattr(evaluate, "GENEVAL_PROMPTS_URL", "http://127.0.0.1:9/evaluation_metadata.jsonl")
-    with pytest.raises(data.DataError, match="--prompts PATH") as e:
-        evaluate.geneval_prompts_path()
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(data, "GENEVAL_PROMPTS_URL", "http://127.0.0.1:9/evaluation_metadata.jsonl")
+    with pytest.raises(data.UserError, match="--prompts PATH") as e:
+        data.geneval_prompts_path()
     assert str(tmp_path / "cache" / "geneval" / "evaluation_metadata.jsonl") in str(e.value)
     cached = tmp_path / "cache" / "geneval" / "evaluation_metadata.jsonl"
     cached.parent.mkdir(parents=True)
     cached.write_text('{"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a photo of a cow"}\n')
-    assert evaluate.geneval_prompts_path() == cached  # once cached, no network
+    assert data.geneval_prompts_path() == cached  # once cached, no network
 
 
 # -----------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_offline_detector_error_names_the_model_and_how_to_get_it(tmp_path):
 
 
 def test_missing_clip_weights_error_names_the_model_and_the_flag():
-    with pytest.raises(data.DataError, match="ViT-B-32") as e:
+    with pytest.raises(data.UserError, match="ViT-B-32") as e:
         evaluate.load_clip("ViT-B-32", "/nonexistent/clip.bin", None, "cpu")
     assert "--clip-pretrained PATH" in str(e.value) and "\n" not in str(e.value)
 
@@ -329,7 +329,7 @@ def test_plumbing_official_backend_fake(tmp_path, monkeypatch, capsys):
     assert json.loads((folder / "scores.json").read_text())["metric"] == "geneval"
     assert "detected no object" in capsys.readouterr().err  # the silent-failure warning
     monkeypatch.setenv("FAKE_GENEVAL_FAIL", "1")
-    with pytest.raises(data.DataError, match="exited with 1: RuntimeError: CUDA error"):
+    with pytest.raises(data.UserError, match="exited with 1: RuntimeError: CUDA error"):
         evaluate.score_folder(folder, "official", options=options)
 
 
@@ -387,7 +387,7 @@ def test_compare_reports_both_backends_scores_and_per_image_agreement(tmp_path, 
 def test_plumbing_hpsv3_failure_says_how_to_install_and_download(tmp_path):
     folder = write_folder(tmp_path / "s", [{"tag": "x", "include": [], "prompt": "a cat"}], [[np.zeros((8, 8, 3), np.uint8)]])
     options = Options(hpsv3_python=sys.executable, device="cpu")  # no hpsv3 package on this path
-    with pytest.raises(data.DataError, match="pip install hpsv3") as e:
+    with pytest.raises(data.UserError, match="pip install hpsv3") as e:
         evaluate.score_scalar_metric(folder, "hpsv3", options)
     assert "ModuleNotFoundError" in str(e.value) and "hf download MizzenAI/HPSv3" in str(e.value)
 
@@ -400,7 +400,7 @@ def test_hpdv3_and_user_prompt_files_become_geneval_schema_rows(tmp_path):
     assert rows == [{"tag": "Animals", "prompt": "a cat", "include": []}, {"tag": "Animals", "prompt": "a horse", "include": []},
                     {"tag": "Food", "prompt": "a pizza", "include": []}, {"tag": "Dessert", "prompt": "a cake", "include": []}]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"caption": 3}\n')
-    with pytest.raises(data.DataError, match="bad.jsonl: item 2"):
+    with pytest.raises(data.UserError, match="bad.jsonl: item 2"):
         evaluate.read_prompt_file(tmp_path / "bad.jsonl")
 
 
@@ -444,7 +444,7 @@ def test_plumbing_curve_from_samples_with_fake_hpsv3(tmp_path, fake_hpsv3):
 def test_curve_from_samples_needs_the_sampled_folders(tmp_path):
     run = shapes_run(tmp_path / "run")
     (run / "checkpoints" / "ckpt_0000030.pt").write_bytes(b"")
-    with pytest.raises(data.DataError, match="ckpt_0000030/sampling.json: missing"):
+    with pytest.raises(data.UserError, match="ckpt_0000030/sampling.json: missing"):
         evaluate.main(["curve", str(run), "--from-samples"])
 
 

@@ -86,7 +86,7 @@ def test_resume_from_a_checkpoint_without_training_state_is_refused(shapes_data,
     hp = train_dit.parse_args(["--preset", "shapes-cpu", "--data", str(shapes_data), "--out", str(tmp_path / "run"),
                                "--max_steps", "11", "--batch_size", str(TRAIN_BATCH), "--resume", str(path)])
     lacks = f"{path}: cannot resume from it, it lacks ['optimizer', 'rng']"
-    with pytest.raises(data.DataError, match=re.escape(lacks)):
+    with pytest.raises(data.UserError, match=re.escape(lacks)):
         train_dit.main(hp)
 
 
@@ -141,7 +141,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_no_mistakable_
     partial = path.with_name(path.name + ".tmp")
     assert partial.exists() and partial.stat().st_size > 1 << 20  # the half-written save
     assert train_dit.load_checkpoint(path)["step"] == 1  # the previous checkpoint, intact
-    with pytest.raises(data.DataError, match="not a readable checkpoint"):
+    with pytest.raises(data.UserError, match="not a readable checkpoint"):
         train_dit.load_checkpoint(partial)
     assert sample.checkpoints_of(run) == [path]  # the leftover is never listed as a checkpoint
     train_dit.atomic_save({"model_config": {}, "step": 3}, path)  # the next save goes through
@@ -155,7 +155,7 @@ def test_atomic_save_on_a_full_disk_is_a_one_line_error_and_replaces_nothing(tmp
     train_dit.atomic_save({"model_config": {}, "step": 5}, path)
     before = path.read_bytes()
     path.with_name(path.name + ".tmp").symlink_to("/dev/full")
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(data.UserError) as error:
         train_dit.atomic_save({"model_config": {}, "step": 6, "big": torch.ones(1 << 20)}, path)
     message = str(error.value)
     assert "\n" not in message and str(path) in message and "No space left on device" in message
@@ -201,7 +201,7 @@ def test_fake_full_disk_while_writing_samples_leaves_the_previous_samples(shapes
 
     monkeypatch.setattr(Image.Image, "save", save_until_full)
     sampler.seed = 1  # other images than those on disk
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(data.UserError) as error:
         sampler.run(trained_run / "checkpoints" / ckpt_name(10), out)
     message = str(error.value)
     assert "\n" not in message and str(out) in message and "No space left on device" in message
@@ -358,13 +358,13 @@ def test_fast_check_catches_truncated_swapped_and_zeroed_files(data_copy):
     assert len(original) == b.stat().st_size  # same size: only the hashes can tell them apart
 
     a.write_bytes(b.read_bytes())  # a shard copied over another
-    with pytest.raises(data.DataError, match=re.escape(str(a)) + ".*sha256"):
+    with pytest.raises(data.UserError, match=re.escape(str(a)) + ".*sha256"):
         data.verify_files(data_copy, manifest, full=False)
     a.write_bytes(original[:len(original) // 2] + bytes(len(original) - len(original) // 2))  # zero-filled tail
-    with pytest.raises(data.DataError, match=re.escape(str(a)) + ".*sha256"):
+    with pytest.raises(data.UserError, match=re.escape(str(a)) + ".*sha256"):
         data.verify_files(data_copy, manifest, full=False)
     a.write_bytes(original[:-1])  # truncated
-    with pytest.raises(data.DataError, match=re.escape(str(a)) + ".*bytes, manifest says"):
+    with pytest.raises(data.UserError, match=re.escape(str(a)) + ".*bytes, manifest says"):
         data.verify_files(data_copy, manifest, full=False)
     a.write_bytes(original)
     data.verify_files(data_copy, manifest, full=False)
@@ -387,7 +387,7 @@ def test_manifest_of_another_format_version_is_refused_naming_both_versions(data
     for version in (0, "1", None, 2):  # the CLI is run on the last
         manifest["version"] = version
         (data_copy / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(data.DataError, match=re.escape(f"format version {version!r}; this code reads version 1")):
+        with pytest.raises(data.UserError, match=re.escape(f"format version {version!r}; this code reads version 1")):
             data.ShardDataset(data_copy)  # as train_dit.py opens it
     result = run_cli("data.py", "verify", data_copy)
     assert_one_line_error(result, data_copy / "manifest.json", "format version 2; this code reads version 1")
@@ -446,16 +446,16 @@ def test_fuzz_metadata_parser_errors_name_the_first_bad_line_and_field(lines, tm
         path.write_bytes(b"\n".join(chunks) + b"\n")
         try:
             return data.read_metadata(path)
-        except data.DataError as e:
+        except data.UserError as e:
             return e
 
     alone = [parse([chunk]) for chunk in encoded]  # each line in a file of its own
     result = parse(encoded)
     blank = f"{path}: no prompts"  # what a file of blank lines gives
-    bad = [n for n, r in enumerate(alone, 1) if isinstance(r, data.DataError) and str(r) != blank]
+    bad = [n for n, r in enumerate(alone, 1) if isinstance(r, data.UserError) and str(r) != blank]
     if bad:
         message = str(result)
-        assert isinstance(result, data.DataError) and message.startswith(f"{path}:{bad[0]}: "), message
+        assert isinstance(result, data.UserError) and message.startswith(f"{path}:{bad[0]}: "), message
         assert "\n" not in message and any(known in message for known in KNOWN_METADATA_ERRORS), message
         assert message.split(": ", 1)[1] == str(alone[bad[0] - 1]).split(": ", 1)[1]
     elif any(isinstance(r, list) for r in alone):
@@ -478,7 +478,7 @@ def test_fuzz_manifest_errors_name_the_file_and_field(manifest_playground, shape
     (root / "manifest.json").write_text(json.dumps(edited))
     try:
         dataset = data.ShardDataset(root)
-    except data.DataError as e:
+    except data.UserError as e:
         message = str(e)
         assert "\n" not in message and str(root) in message, message
         return
