@@ -16,8 +16,11 @@ Run `python data.py shapes --out data/shapes` to build the GenEval-Shapes track,
 windows (fast: what every training run checks at start), or of every byte (--full).
 """
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
+import math
 import os
 import queue
 import sys
@@ -32,12 +35,47 @@ import torch
 from PIL import Image
 
 FORMAT = "imagegen-speedrun-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest carries its own checksum and its seed is required
 
 
 class UserError(Exception):
     """A failure the user can act on (bad input, a bad flag, a full disk, a busy run folder): the programs
     print it as one line, `error: <file>[:line]: <what is wrong>`, and exit non-zero."""
+
+
+def atomic_write(path, write):
+    """Write `path` through `write(binary file)` into a temporary file beside it, fsync, then rename: a kill
+    leaves the previous file intact. Any failure of the writer (a full disk raises OSError from open() or
+    write(), RuntimeError from torch.save) removes the temporary file and is one UserError naming the path;
+    the previous file, if any, is untouched."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")  # never matches *.pt, *.json or *.npy: never taken for the real file
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"{path}: could not be written ({root_cause(e)}); nothing was replaced") from None
+    except BaseException:  # Ctrl-C mid-write: no half-written file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    os.fsync(directory)  # the rename itself survives a power cut
+    os.close(directory)
+
+
+def root_cause(e):
+    """One line for an exception: the OSError at the bottom of its chain if any (torch.save wraps ENOSPC in a
+    RuntimeError), else its own first line."""
+    seen = e
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is not None:
+        return seen.strerror or str(seen)
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
 
 
 # -----------------------------------------------------------------------------
@@ -283,14 +321,14 @@ def validate_prompt(row, where):
         for k, clause in enumerate(row.get(key, [])):
             if not isinstance(clause, dict) or not isinstance(clause.get("class"), str):
                 raise UserError(f"{where}: field '{key}[{k}].class' missing or not a string")
-            if not isinstance(clause.get("count"), int) or clause["count"] < 1:
+            if not isinstance(clause.get("count"), int) or isinstance(clause["count"], bool) or clause["count"] < 1:
                 raise UserError(f"{where}: field '{key}[{k}].count' must be a positive integer")
             if "color" in clause and not isinstance(clause["color"], str):
                 raise UserError(f"{where}: field '{key}[{k}].color' must be a string")
             if "position" in clause:
                 pos = clause["position"]
                 if (not isinstance(pos, list) or len(pos) != 2 or pos[0] not in RELATIONS
-                        or not isinstance(pos[1], int) or not 0 <= pos[1] < k):
+                        or not isinstance(pos[1], int) or isinstance(pos[1], bool) or not 0 <= pos[1] < k):
                     raise UserError(f"{where}: field '{key}[{k}].position' must be [relation, earlier group index]")
 
 
@@ -319,8 +357,7 @@ def geneval_prompts_path():
             raise UserError(f"GenEval prompts: {GENEVAL_PROMPTS_URL} is not the official 553-prompt file "
                             f"(sha256 differs); pass --prompts PATH")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_bytes(body)
-        os.replace(path.with_suffix(".tmp"), path)
+        atomic_write(path, lambda f: f.write(body))
     return path
 
 
@@ -337,7 +374,7 @@ class TextEncoder:
 
     def __init__(self, name="ViT-B-32", pretrained=None, seed=0, seq_len=77, overrides=None, device="cpu"):
         import open_clip
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), quiet_random_init():
             torch.manual_seed(seed)
             try:
                 model = open_clip.create_model(name, pretrained=pretrained or None, **(overrides or {}))
@@ -370,6 +407,19 @@ class TextEncoder:
             tokens_out.append(x.float().cpu())
             pooled_out.append(pooled.float().cpu())
         return torch.cat(tokens_out), torch.cat(pooled_out)
+
+
+@contextlib.contextmanager
+def quiet_random_init():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" warning: a seeded random
+    init is what the Shapes track asks for."""
+    def drop(record):
+        return not record.getMessage().startswith("No pretrained weights loaded")
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 def text_encoder_from_manifest(manifest, device="cpu"):
@@ -440,12 +490,16 @@ def write_text_table(root, captions, encoder):
             "files": [_file_entry(root, n) for n in ("captions.json", "text_tokens.npy", "text_pooled.npy")]}
 
 
+def manifest_checksum(manifest):
+    """sha256 of a manifest's canonical JSON, its own checksum field left out."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(root, manifest):
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, **manifest}
-    tmp = Path(root) / "manifest.json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, Path(root) / "manifest.json")
+    manifest["manifest_sha256"] = manifest_checksum(manifest)
+    atomic_write(Path(root) / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=1, sort_keys=True).encode()))
     return manifest
 
 
@@ -466,6 +520,9 @@ def read_manifest(root):
     if manifest.get("version") != FORMAT_VERSION:
         raise UserError(f"{path}: format version {manifest.get('version')!r}; this code reads version {FORMAT_VERSION}")
     check_manifest_fields(manifest, path)
+    if manifest.get("manifest_sha256") != manifest_checksum(manifest):
+        raise UserError(f"{path}: checksum mismatch (field 'manifest_sha256'): the manifest was edited after it was "
+                        f"written; rebuild the data")
     return manifest
 
 
@@ -487,6 +544,7 @@ def check_manifest_fields(manifest, path):
             _field(entry, name, kind, path, where)
 
     _field(manifest, "track", str, path)
+    _field(manifest, "seed", int, path)
     for k, shard in enumerate(_field(manifest, "shards", list, path)):
         if _field(shard, "count", int, path, f"shards[{k}].") < 0:
             raise UserError(f"{path}: field 'shards[{k}].count' is negative")
@@ -503,8 +561,10 @@ def check_manifest_fields(manifest, path):
         raise UserError(f"{path}: field 'latent.shape' must be three positive integers (C, H, W)")
     for name in ("mean", "std"):
         values = _field(latent, name, list, path, "latent.")
-        if len(values) != shape[0] or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise UserError(f"{path}: field 'latent.{name}' must be {shape[0]} numbers, one per channel")
+        if len(values) != shape[0] or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                              and (name == "mean" or v > 0) for v in values):
+            raise UserError(f"{path}: field 'latent.{name}' must be {shape[0]} finite numbers, one per channel"
+                            + (", each > 0" if name == "std" else ""))
     _field(latent, "autoencoder", str, path, "latent.")
 
 
@@ -802,8 +862,11 @@ def build_synthetic(out, track, n=2048, n_captions=256, seed=0):
     input path (gather, pin, copy) without needing the real data.
     """
     out = Path(out)
-    if (out / "manifest.json").exists() and read_manifest(out).get("synthetic") == [track, n, n_captions, seed]:
-        return out
+    try:
+        if read_manifest(out).get("synthetic") == [track, n, n_captions, seed]:
+            return out
+    except UserError:  # none yet, or another format version: (re)built below
+        pass
     shape = TRACK_SHAPES[track]
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

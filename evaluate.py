@@ -25,10 +25,8 @@ confidence is that match (IoU) times colour purity.
 """
 import argparse
 import csv
-import hashlib
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -42,8 +40,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 import data
+import sample
+from data import UserError
 
 # -----------------------------------------------------------------------------
 # GenEval's rule engine
@@ -286,7 +287,7 @@ MASK2FORMER_SWIN_S = dict(
 
 def weights_error(what, name, e, hint):
     first = (str(e).strip().splitlines() or [""])[0][:160]
-    return data.UserError(f"{what} {name!r} could not be loaded ({type(e).__name__}: {first}); {hint}")
+    return UserError(f"{what} {name!r} could not be loaded ({type(e).__name__}: {first}); {hint}")
 
 
 @lru_cache(maxsize=2)
@@ -304,7 +305,7 @@ def load_mask2former(name, config_json, device):
             raise weights_error("detector", name, e, f"on a machine with network run `hf download {name}` (then set "
                                 f"HF_HUB_OFFLINE=1 here) or save it to a folder and pass --detector PATH") from None
     if model.config.num_labels != len(COCO_CLASSES):
-        raise data.UserError(f"detector {name!r}: {model.config.num_labels} classes; GenEval needs the 80 COCO classes")
+        raise UserError(f"detector {name!r}: {model.config.num_labels} classes; GenEval needs the 80 COCO classes")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -313,7 +314,7 @@ def load_clip(name, pretrained, overrides_json, device):
     """(model, image transform, tokenizer) of open_clip; pretrained None is a seeded random init."""
     import open_clip
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), data.quiet_random_init():
             torch.manual_seed(0)
             model, _, transform = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained, device=device, **json.loads(overrides_json or "{}"))
@@ -482,10 +483,10 @@ GENEVAL_METRICS = {"shapes": "geneval-shapes", "mask2former": "geneval-m2f", "of
 def official_rows(folder, options):
     """Run the checkout's evaluation/evaluate_images.py on `folder`; its results.jsonl rows."""
     if not options.geneval_dir:
-        raise data.UserError("--backend official needs --geneval-dir (a djghosh13/geneval checkout)")
+        raise UserError("--backend official needs --geneval-dir (a djghosh13/geneval checkout)")
     script = Path(options.geneval_dir) / "evaluation" / "evaluate_images.py"
     if not script.exists():
-        raise data.UserError(f"{script}: not found (--geneval-dir must be a djghosh13/geneval checkout)")
+        raise UserError(f"{script}: not found (--geneval-dir must be a djghosh13/geneval checkout)")
     expected = sum(len(paths) for _, _, paths in read_sample_folder(folder))
     with tempfile.TemporaryDirectory() as tmp:
         outfile = Path(tmp) / "results.jsonl"
@@ -495,21 +496,21 @@ def official_rows(folder, options):
         try:
             result = subprocess.run(command, cwd=options.geneval_dir, capture_output=True, text=True)
         except OSError as e:
-            raise data.UserError(f"--geneval-python {options.geneval_python}: cannot run ({e.strerror or e})") from None
+            raise UserError(f"--geneval-python {options.geneval_python}: cannot run ({e.strerror or e})") from None
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise data.UserError(f"{script}: exited with {result.returncode}: {last}")
+            raise UserError(f"{script}: exited with {result.returncode}: {last}")
         rows = []
         for number, line in enumerate(outfile.read_text().splitlines() if outfile.exists() else [], 1):
             try:
                 row = json.loads(line)
             except ValueError:
-                raise data.UserError(f"{script} output line {number}: not JSON") from None
+                raise UserError(f"{script} output line {number}: not JSON") from None
             if not isinstance(row, dict) or not {"filename", "tag", "correct", "details"} <= set(row):
-                raise data.UserError(f"{script} output line {number}: fields filename, tag, correct, details expected")
+                raise UserError(f"{script} output line {number}: fields filename, tag, correct, details expected")
             rows.append(row)
     if len(rows) != expected:
-        raise data.UserError(f"{script}: scored {len(rows)} images of {folder}, which holds {expected}")
+        raise UserError(f"{script}: scored {len(rows)} images of {folder}, which holds {expected}")
     if all(json.loads(row["details"]) == {} for row in rows):
         # The known silent failure of the mmdet stack: every confidence below threshold on some GPUs.
         print(f"warning: {script} detected no object in any of the {len(rows)} images of {folder}; check the mmcv "
@@ -521,12 +522,38 @@ def official_rows(folder, options):
 # Scoring a sample folder
 
 
+def read_image(path, size=None):
+    """A sample image as an (H, W, 3) uint8 array. A file that is no image, is not RGB, or is not `size` (H, W)
+    pixels is a one-line UserError naming it: the sampler writes RGB images of its data's size, so anything
+    else was not sampled for this evaluation."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {str(e)[:120]})") from None
+    if image.mode != "RGB":
+        raise UserError(f"{path}: mode {image.mode}, expected RGB")
+    if size is not None and tuple(image.size[::-1]) != tuple(size):
+        raise UserError(f"{path}: {image.size[0]}x{image.size[1]} pixels, expected {size[1]}x{size[0]}")
+    return np.asarray(image)
+
+
+def expected_image_size(folder, backend):
+    """(H, W) of a sample folder's images: as the sampler recorded it, else the Shapes track's for its detector."""
+    info = Path(folder) / "sampling.json"
+    size = json.loads(info.read_text()).get("image_size") if info.exists() else None
+    return tuple(size) if size else (data.IMAGE_SIZE, data.IMAGE_SIZE) if backend == "shapes" else None
+
+
 def read_sample_folder(folder):
     """[(prompt index, metadata, [image paths])] of a GenEval-layout folder; errors name the path."""
     folder = Path(folder)
-    prompt_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit()) if folder.is_dir() else []
+    if not folder.is_dir():
+        raise UserError(f"{folder}: {'not a folder' if folder.exists() else 'does not exist'} (expected a sample folder: "
+                        f"<folder>/00000/metadata.jsonl, <folder>/00000/samples/0000.png, ...)")
+    prompt_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and d.name.isdigit())
     if not prompt_dirs:
-        raise data.UserError(f"{folder}: no prompt folders (expected {folder}/00000/metadata.jsonl)")
+        raise UserError(f"{folder}: no prompt folders (expected {folder}/00000/metadata.jsonl)")
     listed = {d: sorted((d / "samples").glob("*.png")) for d in prompt_dirs}
     # Images per prompt: as the sampler recorded it, else the most any prompt folder holds.
     info = folder / "sampling.json"
@@ -536,37 +563,73 @@ def read_sample_folder(folder):
     for d, images in listed.items():
         meta_path = d / "metadata.jsonl"
         if not meta_path.exists():
-            raise data.UserError(f"{meta_path}: missing")
-        metadata = data.read_metadata(meta_path)[0]
+            raise UserError(f"{meta_path}: missing")
+        rows = data.read_metadata(meta_path)
+        if len(rows) > 1:
+            raise UserError(f"{meta_path}:2: a prompt folder's metadata.jsonl holds one line, this one {len(rows)}")
+        metadata = rows[0]
         names = {p.name for p in images}
         missing = [f"{k:04d}.png" for k in range(max(expected, 1)) if f"{k:04d}.png" not in names]
         if missing:
-            raise data.UserError(f"{d / 'samples' / missing[0]}: missing image (expected {expected} per prompt)")
+            raise UserError(f"{d / 'samples' / missing[0]}: missing image (expected {expected} per prompt)")
         entries.append((int(d.name), metadata, images))
     return entries
 
 
 def score_images(images, backend="shapes", th=Thresholds(), options=None):
-    """One results row per (metadata, filename, (H, W, 3) uint8 image), as GenEval's results.jsonl."""
+    """One results row per (metadata, filename, (H, W, 3) uint8 image), as GenEval's results.jsonl, with the
+    detector's raw output under "detections" (stored_detections)."""
     options = options or Options()
     detect, classify_colors = BACKENDS[backend](options)
     images, rows = iter(images), []
     while batch := list(itertools.islice(images, options.batch_size)):
-        kept = [keep_detections(raw, metadata["tag"], th)
-                for raw, (metadata, _, _) in zip(detect([image for _, _, image in batch]), batch)]
+        raws = detect([image for _, _, image in batch])
+        kept = [keep_detections(raw, metadata["tag"], th) for raw, (metadata, _, _) in zip(raws, batch)]
         # GenEval classifies the colours of the top-`count` detections of each coloured include clause that
         # found enough of them; asking for all of them up front lets one CLIP batch serve the image batch.
         wanted = [(k, clause["class"], kept[k][clause["class"]][:clause["count"]])
                   for k, (metadata, _, _) in enumerate(batch) for clause in metadata["include"]
                   if "color" in clause and len(kept[k].get(clause["class"], [])) >= clause["count"]]
         colours = classify_colors([(batch[k][2], cls, dets) for k, cls, dets in wanted])
-        known = {(k, cls, len(dets)): c for (k, cls, dets), c in zip(wanted, colours)}
+        for (_, _, dets), names in zip(wanted, colours):
+            for detection, name in zip(dets, names):
+                detection.color = name
         for k, (metadata, filename, image) in enumerate(batch):
-            correct, reason = judge(kept[k], metadata, lambda cls, dets: known[k, cls, len(dets)], th)
+            correct, reason = judge(kept[k], metadata, lambda cls, dets: [d.color for d in dets], th)
             rows.append({"filename": filename, "tag": metadata["tag"], "prompt": metadata["prompt"],
                          "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
-                         "details": json.dumps({c: [list(d.box) for d in ds] for c, ds in kept[k].items()})})
+                         "details": json.dumps({c: [list(d.box) for d in ds] for c, ds in kept[k].items()}),
+                         "detections": stored_detections(raws[k], th)})
     return rows
+
+
+def stored_detections(raw, th=Thresholds()):
+    """The detector's raw output of one image as a record stores it: per class, [x1, y1, x2, y2, score, colour]
+    of every detection the rules could keep (score above the lower of the two thresholds), in the detector's
+    order; colour is null where nothing classified it. GenEval's rules re-applied to it give the image's verdict."""
+    floor = min(th.threshold, th.counting_threshold)
+    return {cls: [[*map(float, d.box), float(d.score), d.color] for d in dets if d.score > floor]
+            for cls, dets in sorted(raw.items()) if any(d.score > floor for d in dets)}
+
+
+def judge_stored(stored, metadata, th=Thresholds()):
+    """GenEval's verdict for one image from its stored detections (stored_detections): True or False."""
+    raw = {cls: [Detection(tuple(d[:4]), d[4], d[5]) for d in dets] for cls, dets in stored.items()}
+
+    def colors_of(cls, dets):
+        if any(d.color is None for d in dets):
+            raise UserError(f"stored detections of {cls!r} lack the colour the rules need")
+        return [d.color for d in dets]
+    return judge(keep_detections(raw, metadata["tag"], th), metadata, colors_of, th)[0]
+
+
+def geneval_prompt_problem(metadata, where):
+    """A prompt GenEval's rules cannot judge is an error naming its file: a tag outside GenEval's six would be
+    a seventh task in the overall mean, and an empty include would pass every image."""
+    if metadata["tag"] not in data.TAGS:
+        raise UserError(f"{where}:1: field 'tag' is {metadata['tag']!r}, not one of GenEval's {', '.join(data.TAGS)}")
+    if not metadata["include"]:
+        raise UserError(f"{where}:1: field 'include' is empty: GenEval's rules need at least one object to check")
 
 
 def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=None):
@@ -575,8 +638,13 @@ def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=No
     if backend == "official":  # runs whole folders in its own environment, so it is no image detector
         rows = official_rows(folder, options or Options())
     else:
-        images = ((metadata, str(path), np.asarray(Image.open(path).convert("RGB")))
-                  for _, metadata, paths in read_sample_folder(folder) for path in paths)
+        entries = [(metadata, path) for _, metadata, paths in read_sample_folder(folder) for path in paths]
+        for metadata, path in entries:
+            geneval_prompt_problem(metadata, path.parent.parent / "metadata.jsonl")
+        size = expected_image_size(folder, backend)
+        images = ((metadata, str(path), read_image(path, size))
+                  for metadata, path in tqdm(entries, desc=f"scoring {Path(folder).name}", unit="img", leave=False,
+                                             disable=not sys.stderr.isatty()))
         rows = score_images(images, backend, th, options)
     out = Path(out or folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -596,11 +664,11 @@ def compare_results(path_a, path_b):
         try:
             rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
         except (OSError, ValueError) as e:
-            raise data.UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+            raise UserError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
         return {"/".join(Path(r["filename"]).parts[-3:]): r for r in rows}  # <prompt>/samples/<image>.png
     a, b = read(path_a), read(path_b)
     if a.keys() != b.keys():
-        raise data.UserError(f"{path_b}: holds other images than {path_a}")
+        raise UserError(f"{path_b}: holds other images than {path_a}")
     scores_a, scores_b = summarize(a.values()), summarize(b.values())
     agreement = float(np.mean([a[k]["correct"] == b[k]["correct"] for k in a]))
     return {task: (scores_a[task], scores_b[task]) for task in scores_a}, agreement
@@ -639,17 +707,17 @@ def hpsv3_values(paths, prompts, options):
             result = subprocess.run([options.hpsv3_python, "-c", HPSV3_WORKER], input=json.dumps(job), text=True,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except OSError as e:
-            raise data.UserError(f"--hpsv3-python {options.hpsv3_python}: cannot run ({e.strerror or e})") from None
+            raise UserError(f"--hpsv3-python {options.hpsv3_python}: cannot run ({e.strerror or e})") from None
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise data.UserError(
+            raise UserError(
                 f"HPSv3 under {options.hpsv3_python} failed ({last[:200]}); it needs `pip install hpsv3` in that "
                 f"environment (--hpsv3-python) and the weights MizzenAI/HPSv3 and Qwen/Qwen2-VL-7B-Instruct: on a "
                 f"machine with network run `hf download MizzenAI/HPSv3` and `hf download Qwen/Qwen2-VL-7B-Instruct` "
                 f"(then HF_HUB_OFFLINE=1), or pass --hpsv3-checkpoint PATH")
         values = [json.loads(line) for line in Path(job["out"]).read_text().splitlines()]
     if len(values) != len(paths):
-        raise data.UserError(f"HPSv3 under {options.hpsv3_python}: {len(values)} scores for {len(paths)} images")
+        raise UserError(f"HPSv3 under {options.hpsv3_python}: {len(values)} scores for {len(paths)} images")
     return values
 
 
@@ -709,7 +777,7 @@ def read_prompt_file(path):
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".json", ".jsonl"))
         if not files:
-            raise data.UserError(f"{path}: no .txt, .json or .jsonl prompt files")
+            raise UserError(f"{path}: no .txt, .json or .jsonl prompt files")
         return [row for p in files for row in read_prompt_file(p)]
     try:
         text = path.read_text()
@@ -720,7 +788,7 @@ def read_prompt_file(path):
         else:
             items = [json.loads(line) for line in text.splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise data.UserError(f"{path}: cannot be read as a prompt file ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: cannot be read as a prompt file ({type(e).__name__}: {e})") from None
     rows = []
     for number, item in enumerate(items if isinstance(items, list) else [None], 1):
         if isinstance(item, dict) and isinstance(item.get("prompt"), str):
@@ -728,10 +796,10 @@ def read_prompt_file(path):
         if isinstance(item, str):
             item = (item, path.stem)
         if not isinstance(item, tuple) or not isinstance(item[1], str):
-            raise data.UserError(f"{path}: item {number}: expected a prompt string or a {{\"prompt\", \"category\"}} object")
+            raise UserError(f"{path}: item {number}: expected a prompt string or a {{\"prompt\", \"category\"}} object")
         rows.append({"tag": item[1], "prompt": item[0], "include": []})
     if not rows:
-        raise data.UserError(f"{path}: no prompts")
+        raise UserError(f"{path}: no prompts")
     return rows
 
 
@@ -747,8 +815,8 @@ def metric_columns(point):
     return [k for k in point if k in GENEVAL_COLUMNS or k == "geneval_metric" or k.split("/")[0] in SCALAR_METRICS]
 
 
-def write_curve(run, points, name="curve"):
-    """<run>/<name>.json (every point), .csv (clock and metric columns) and .png (each metric a panel)."""
+def write_curve(run, points, name="curve", title=None):
+    """<run>/<name>.json (every point), .csv (clock and metric columns) and .png (plot_run)."""
     run = Path(run)
     with open(run / f"{name}.json", "w") as f:
         json.dump(points, f, indent=1)
@@ -757,14 +825,48 @@ def write_curve(run, points, name="curve"):
         writer = csv.DictWriter(f, fieldnames=CLOCK_FIELDS + columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(points)
-    plot_curves({run.name: points}, run / f"{name}.png", [c for c in columns if c == "overall" or c in SCALAR_METRICS])
+    plot_run(points, run / f"{name}.png", title or run.name)
 
 
-def plot_curves(runs, path, metrics=("overall",), target=None):
-    """One PNG: a panel per metric column against training seconds, a line per run; `target` on 'overall'."""
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(points, path, title):
+    """One run's curve: GenEval's overall score (bold) and each task against the training clock, then a panel
+    per scalar metric (hpsv3, clipscore) if scored."""
+    plt = pyplot()
+    scalars = [c for c in metric_columns(points[-1]) if c in SCALAR_METRICS]
+    fig, axes = plt.subplots(1 + len(scalars), 1, figsize=(7, 4.2 + 2.6 * len(scalars)), dpi=120, sharex=True,
+                             squeeze=False)
+    seconds = [p["train_seconds"] for p in points]
+    ax = axes[0, 0]
+    for task in data.TAGS:
+        if task in points[-1]:
+            ax.plot(seconds, [p.get(task) for p in points], marker=".", linewidth=1, label=task)
+    ax.plot(seconds, [p["overall"] for p in points], marker="o", color="black", linewidth=2.5, label="overall")
+    ax.set_ylabel(points[-1].get("geneval_metric", "geneval"))
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, ncol=2, loc="upper left")
+    for ax, metric in zip(axes[1:, 0], scalars):
+        ax.plot(seconds, [p[metric] for p in points], marker="o")
+        ax.set_ylabel(metric)
+    for ax in axes[:, 0]:
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("training clock (s)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_curves(runs, path, metrics=("overall",), target=None, title=None):
+    """Several runs on one PNG: a panel per metric column against training seconds, a line per run; `target` on
+    'overall'."""
+    plt = pyplot()
     fig, axes = plt.subplots(len(metrics), 1, figsize=(6, 0.8 + 3.2 * len(metrics)), dpi=120, sharex=True, squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics):
         for name, points in runs.items():
@@ -780,7 +882,9 @@ def plot_curves(runs, path, metrics=("overall",), target=None):
             ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[-1, 0].set_xlabel("training wall-clock (s)")
+    axes[-1, 0].set_xlabel("training clock (s)")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -788,7 +892,6 @@ def plot_curves(runs, path, metrics=("overall",), target=None):
 
 def curve(args):
     """Sample (unless --from-samples) and score every checkpoint of a run; rewrite the curve after each."""
-    import sample
     options = options_from_args(args)
     ckpts = sample.checkpoints_of(args.run)
     sampler = None
@@ -796,6 +899,8 @@ def curve(args):
         if "geneval" in args.metrics and args.backend != "shapes" and not args.prompts:
             args.prompts = str(data.geneval_prompts_path())  # the COCO detectors judge GenEval's own prompts
         sampler = sample.sampler_from_args(args, ckpts[0])
+    rank = sample.distributed()[0]
+    title = run_title(args.run)
     points = []
     for ckpt_path in ckpts:
         out = Path(args.run) / args.samples / ckpt_path.stem
@@ -804,24 +909,32 @@ def curve(args):
         elif (out / "sampling.json").exists():
             info = json.loads((out / "sampling.json").read_text())
         else:
-            raise data.UserError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
-        if sample.distributed()[0] != 0:  # under torchrun, rank 0 scores what the ranks sampled
+            raise UserError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
+        if rank != 0:  # under torchrun, rank 0 scores what the ranks sampled
             continue
         scores = score_metrics(out, args.metrics, args.backend, options)
         points.append({**info, **scores, "samples": str(out)})
-        print(f"{ckpt_path.name}: {info['train_seconds']:.1f} s  "
-              + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
-        write_curve(args.run, points, args.curve)
-    if sample.distributed()[0] == 0:
+        tqdm.write(f"{ckpt_path.name}: {info['train_seconds']:.1f} s  "
+                   + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+        write_curve(args.run, points, args.curve, title)
+    if rank == 0:
         print(f"curve: {Path(args.run) / args.curve}.png  table: {Path(args.run) / args.curve}.csv")
+
+
+def run_title(run):
+    """The curve's title: the run, its config and track, and the hardware, as its log.txt gives them."""
+    log = Path(run) / "log.txt"
+    text = log.read_text() if log.exists() else ""
+    found = [re.search(pattern, text, re.M) for pattern in (r"^config (\S+)", r'^ "track": "(\w+)"', r"^gpu: (.*?)  cuda")]
+    config, track, gpu = (m[1] if m else None for m in found)
+    return f"{Path(run).name}: config {config or '?'}, {track or '?'} track, {gpu or 'CPU'}" if text else Path(run).name
 
 
 def truth(args):
     """Ground-truth renders of the data's evaluation prompts, in GenEval's layout."""
     manifest = data.read_manifest(args.data)
     prompts = data.read_metadata(Path(args.data) / manifest["eval_metadata"])
-    import sample
-    for i, prompt in enumerate(sample.select_prompts(prompts, args.per_tag)):
+    for i, prompt in enumerate(sample.select_prompts(prompts, args.per_tag or 0)):
         folder = Path(args.out) / f"{i:05d}"
         (folder / "samples").mkdir(parents=True, exist_ok=True)
         (folder / "metadata.jsonl").write_text(json.dumps(prompt) + "\n")
@@ -829,293 +942,6 @@ def truth(args):
             image = data.shapes_truth_image(manifest["seed"], i, j, prompt)
             Image.fromarray(image).save(folder / "samples" / f"{j:04d}.png")
     print(f"wrote ground-truth renders to {args.out}")
-
-
-# -----------------------------------------------------------------------------
-# Records: pack n runs into a record folder, and check one (README.md, "Records")
-
-TARGETS = {"shapes": 0.90}  # overall score a record must reach
-# Checkpoint cadence (README): up to the claimed mark, checkpoints at most 5% of its time apart, never required
-# closer than the floor, plus the lateness of a checkpoint that lands at the first clock check after its mark.
-CHECKPOINT_GAP_FRACTION = 0.05
-CHECKPOINT_GAP_FLOOR = {"shapes": 5.0, "imagenet": 600.0}  # training seconds
-CHECKPOINT_LATENESS = {"shapes": 2.0, "imagenet": 60.0}  # training seconds
-RUN_KEYS = ("seed", "out", "resume", "wandb")  # hyperparameters that may differ between the runs of one recipe
-SAMPLER_KEYS = ("nfe", "sampler", "cfg_scale", "cfg_interval", "time_shift", "weights", "seed", "images_per_prompt")
-MIN_RUNS, MAX_P = 5, 0.01
-LOG_SECTIONS = ("train_dit.py", "model.py", "data.py", "environment", "hyperparameters")
-
-
-def max_checkpoint_gap(track, claimed_seconds):
-    """The largest gap between consecutive checkpoints a record may have (training seconds)."""
-    return (max(CHECKPOINT_GAP_FLOOR[track], CHECKPOINT_GAP_FRACTION * claimed_seconds)
-            + CHECKPOINT_LATENESS[track])
-
-
-def log_sections(text):
-    """{section name: body} of a train_dit.py log, split on its `==================== name` header lines
-    (whole lines only: the embedded train_dit.py holds the header's format string too)."""
-    parts = re.split(r"^==================== (.*)\n", text, flags=re.M)[1:]
-    return {name.strip(): body for name, body in zip(parts[::2], parts[1::2])}
-
-
-def log_hyperparameters(sections):
-    """The run's Hyperparameters as a dict: the JSON that opens the hyperparameters section of log_sections()."""
-    return json.JSONDecoder().raw_decode(sections.get("hyperparameters", "").strip())[0]
-
-
-def time_to_target(points, target):
-    """Training seconds of the first checkpoint whose overall score reaches the target (None: never)."""
-    return next((p["train_seconds"] for p in points if p["overall"] >= target), None)
-
-
-def p_value_above(scores, target):
-    """One-sided one-sample t-test, H1: the mean score is above the target."""
-    scores = np.asarray(scores, np.float64)
-    if scores.std() == 0:  # the t statistic is undefined; the evidence is all-or-nothing
-        return 0.0 if scores[0] > target else 1.0
-    from scipy import stats
-    return float(stats.ttest_1samp(scores, target, alternative="greater").pvalue)
-
-
-def largest_gap(points, k):
-    """The largest gap between consecutive checkpoints of a run, from the start to its k-th (training seconds)."""
-    seconds = [0.0] + [p["train_seconds"] for p in points[:k + 1]]
-    return max(b - a for a, b in zip(seconds, seconds[1:]))
-
-
-def too_coarse(curves, k, seconds, track):
-    """{run index: largest checkpoint gap up to mark k} of the runs whose cadence is too coarse for a claim at
-    `seconds`, and the gap that such a claim allows."""
-    allowed = max_checkpoint_gap(track, seconds)
-    return {i: gap for i, points in enumerate(curves) if (gap := largest_gap(points, k)) > allowed}, allowed
-
-
-def mark_evidence(curves, k, target):
-    """The runs' scores at the k-th checkpoint mark, the p-value of their test, and the mark's mean time."""
-    scores = [points[k]["overall"] for points in curves]
-    return scores, p_value_above(scores, target), float(np.mean([points[k]["train_seconds"] for points in curves]))
-
-
-def record_statistics(curves, target, track):
-    """Time-to-target per run, and the claim: the earliest checkpoint mark whose scores beat the target at
-    p < MAX_P and up to which every run's checkpoints keep the cadence for that claim (a cadence too coarse
-    for a mark defers the claim to a later mark, never to an earlier one)."""
-    ttt = [time_to_target(points, target) for points in curves]
-    reached = [t for t in ttt if t is not None]
-    stats = {"target": target, "n": len(curves), "time_to_target": ttt,
-             "time_to_target_mean": float(np.mean(reached)) if reached else None,
-             "time_to_target_std": float(np.std(reached, ddof=1)) if len(reached) > 1 else None,
-             "claimed_checkpoint": None, "claimed_seconds": None, "scores_at_claim": None, "p_value": None}
-    for k in range(min(len(points) for points in curves)):
-        scores, p, seconds = mark_evidence(curves, k, target)
-        if p < MAX_P and not too_coarse(curves, k, seconds, track)[0]:
-            stats.update(claimed_checkpoint=k, scores_at_claim=scores, p_value=p, claimed_seconds=seconds)
-            break
-    return stats
-
-
-def shapes_eval_set_problem(prompts, seed):
-    """Why `prompts` are not a fair Shapes evaluation set (None when they are): every tag, each with its
-    first m prompts of the evaluation list of the dataset's seed, m the same for all tags. A subset that
-    drops a hard tag, or picks its prompts, would raise the overall score."""
-    import sample
-    counts = {tag: sum(p["tag"] == tag for p in prompts) for tag in data.TAGS}
-    if 0 in counts.values() or len(set(counts.values())) > 1 or len(prompts) != sum(counts.values()):
-        return f"prompts per tag {counts}: a record scores the same number of prompts of every tag"
-    official = sample.select_prompts(data.shapes_eval_prompts(seed), counts[data.TAGS[0]])
-    if json.loads(json.dumps(prompts)) != json.loads(json.dumps(official)):
-        return (f"the prompts are not the first {counts[data.TAGS[0]]} of each tag of the evaluation list "
-                f"(dataset seed {seed})")
-    return None
-
-
-def pack_samples(folder, path):
-    """All images of a GenEval-layout folder in one compact file: (prompts, images, H, W, 3) uint8 + prompts."""
-    entries = read_sample_folder(folder)
-    images = np.stack([np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths]) for _, _, paths in entries])
-    np.savez_compressed(path, images=images, prompts=np.array(json.dumps([m for _, m, _ in entries])))
-
-
-def score_packed_samples(path, backend="shapes"):
-    """(scores, prompts) of a pack_samples file."""
-    packed = np.load(path)
-    prompts = json.loads(str(packed["prompts"]))
-    images = packed["images"]  # read once: every packed[...] lookup decompresses the whole array again
-    return summarize(score_images(((m, f"{i:05d}/{j:04d}", image) for i, m in enumerate(prompts)
-                                   for j, image in enumerate(images[i])), backend)), prompts
-
-
-def run_table(names, logs, curves, stats):
-    """A markdown table of the runs: training seed, steps and images/s at the end (the machine's speed is part
-    of the clock), first checkpoint at the target, score at the claim."""
-    rows = ["| run | seed | steps | img/s (images / clock) | first checkpoint at target | score at the claim |",
-            "| --- | --- | --- | --- | --- | --- |"]
-    for name, log_text, points, first, score in zip(names, logs, curves, stats["time_to_target"],
-                                                     stats["scores_at_claim"]):
-        last = points[-1]
-        rows.append(f"| {name} | {log_hyperparameters(log_sections(log_text))['seed']} | {last['step']:,} | "
-                    f"{last['images_seen'] / last['train_seconds']:,.0f} | "
-                    f"{'never' if first is None else f'{first:.1f} s'} | {score:.3f} |")
-    return "\n".join(rows) + "\n"
-
-
-def build_record(runs, out, name, track="shapes", target=None):
-    """Copy n runs' logs and curves into `out`, pack the claimed checkpoint's samples, write record.json."""
-    target = TARGETS[track] if target is None else target
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    curves = [json.loads((Path(r) / "curve.json").read_text()) for r in runs]
-    stats = record_statistics(curves, target, track)
-    if stats["claimed_checkpoint"] is None:
-        raise data.UserError(f"{runs[0]}: no checkpoint mark beats target {target} at p < {MAX_P} over {len(runs)} runs "
-                             f"with checkpoints at most {CHECKPOINT_GAP_FRACTION:.0%} of its time apart")
-    k = stats["claimed_checkpoint"]
-    names = [f"run{i + 1}" for i in range(len(runs))]
-    logs = [(Path(r) / "log.txt").read_text() for r in runs]
-    for run, run_name, log_text, points in zip(runs, names, logs, curves):
-        (out / run_name).mkdir(exist_ok=True)
-        (out / run_name / "log.txt").write_text(log_text)
-        (out / run_name / "curve.json").write_text(json.dumps(points, indent=1))
-        samples = Path(run) / "samples" / Path(points[k]["checkpoint"]).stem
-        if track == "shapes":
-            pack_samples(samples, out / run_name / "samples.npz")
-        else:  # the full set is large: a grid here, and a checksum of every image
-            entries = read_sample_folder(samples)
-            digest = hashlib.sha256(b"".join(p.read_bytes() for _, _, paths in entries for p in paths))
-            (out / run_name / "samples.sha256").write_text(digest.hexdigest() + "\n")
-        if run_name == "run1":
-            first = [np.asarray(Image.open(paths[0]).convert("RGB")) for _, _, paths in read_sample_folder(samples)]
-            import sample
-            sample.save_grid(first[::max(1, len(first) // 48)][:48], out / "grid.png", columns=8)
-    plot_curves(dict(zip(names, curves)), out / "curve.png", target=target)
-    params = curves[0][0]["params"]
-    hardware = next((line.split("  ")[0][5:] for line in logs[0].splitlines() if line.startswith("gpu: ")), "cpu")
-    record = {"track": track, "name": name, "runs": names, "params": params, "hardware": hardware, **stats}
-    (out / "record.json").write_text(json.dumps(record, indent=1))
-    if not (out / "README.md").exists():
-        (out / "README.md").write_text(
-            f"# {name}\n\nWhat changed and why: (describe)\n\n"
-            f"- time to target {target}: {stats['claimed_seconds']:.1f} s of training clock "
-            f"(checkpoint mark {k}; one-sided t-test over {len(runs)} runs, p = {stats['p_value']:.2g})\n"
-            f"- first checkpoint at target per run: mean {stats['time_to_target_mean']:.1f} s "
-            f"+- {stats['time_to_target_std'] or 0:.1f} s\n"
-            f"- parameters: {params:,}\n- hardware: {hardware}\n- evaluation samples: run*/samples.*\n\n"
-            f"{run_table(names, logs, curves, stats)}\n"
-            f"Runs of this attempt not in this record, with their scores (README.md, Records: every run\n"
-            f"started for an attempt is part of it): (none, or list them)\n\n"
-            f"![curve](curve.png)\n")
-    return record
-
-
-def check_record(folder):
-    """Every reason the record at `folder` is malformed or inconsistent (empty: it holds)."""
-    folder = Path(folder)
-    try:
-        record = json.loads((folder / "record.json").read_text())
-        track, runs = record["track"], record["runs"]
-        target = record["target"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [f"{folder / 'record.json'}: unreadable or incomplete ({type(e).__name__}: {e})"]
-    if track not in CHECKPOINT_GAP_FLOOR:
-        return [f"{folder / 'record.json'}: unknown track {track!r} (one of {sorted(CHECKPOINT_GAP_FLOOR)})"]
-    problems = []
-    if target != TARGETS.get(track, target):
-        problems.append(f"record.json: target {target} is not the {track} target {TARGETS[track]}")
-    if len(runs) < MIN_RUNS:
-        problems.append(f"record.json: {len(runs)} runs; a record needs at least {MIN_RUNS}")
-    curves, code, hashes, seeds, eval_sets, samplers = [], set(), set(), set(), set(), set()
-    recipes, train_seeds = {}, []
-    for run in runs:
-        log_path, curve_path = folder / run / "log.txt", folder / run / "curve.json"
-        try:
-            log_text = log_path.read_text()
-            seeds.update(re.findall(r"\(dataset seed (\d+)\)", log_text))
-            sections = log_sections(log_text)
-            points = json.loads(curve_path.read_text())
-        except (OSError, ValueError) as e:
-            problems.append(f"{folder / run}: unreadable log or curve ({type(e).__name__}: {e})")
-            continue
-        for section in LOG_SECTIONS:
-            if not sections.get(section, "").strip():
-                problems.append(f"{log_path}: no '{section}' section (the log must embed the code and environment)")
-        code.add(tuple(sections.get(f, "") for f in ("train_dit.py", "model.py", "data.py")))
-        try:
-            hp = log_hyperparameters(sections)
-            train_seeds.append(hp["seed"])
-            recipes[run] = {k: v for k, v in hp.items() if k not in RUN_KEYS}
-        except (ValueError, KeyError, TypeError):
-            problems.append(f"{log_path}: the hyperparameters section does not open with the run's JSON")
-        found = [w.split("=", 1)[1] for w in log_text.split() if w.startswith("data_order_hash=")]
-        if not found:
-            problems.append(f"{log_path}: no data_order_hash")
-        hashes.update(found)
-        for i, p in enumerate(points):
-            if p.get("nfe") != 100:
-                problems.append(f"{curve_path}: checkpoint {i} sampled with nfe {p.get('nfe')}, not 100")
-            missing = [key for key in SAMPLER_KEYS if key not in p]
-            if missing:
-                problems.append(f"{curve_path}: checkpoint {i} does not record its sampler settings {missing}")
-            samplers.add(json.dumps({key: p.get(key) for key in SAMPLER_KEYS}, sort_keys=True))
-        seconds = [0.0] + [p["train_seconds"] for p in points]
-        if not points or any(b <= a for a, b in zip(seconds, seconds[1:])):
-            problems.append(f"{curve_path}: no checkpoints, or their training seconds do not increase")
-        curves.append(points)
-    if len(code) > 1:
-        problems.append(f"{folder}: the runs' logs embed different code")
-    if len(hashes) > 1:
-        problems.append(f"{folder}: the runs' logs give different data order hashes {sorted(hashes)}")
-    if len(set(map(str, train_seeds))) < len(train_seeds):
-        problems.append(f"{folder}: the runs share a training seed {train_seeds}; a record's runs use different seeds")
-    keys = set().union(*recipes.values())
-    differing = sorted(k for k in keys if len({json.dumps(r.get(k)) for r in recipes.values()}) > 1)
-    if differing:
-        problems.append(f"{folder}: the runs' hyperparameters differ in {differing}; a record is one recipe")
-    if len(samplers) > 1:  # settings chosen per run or per checkpoint would select on the metric
-        problems.append(f"{folder}: checkpoints sampled with different settings: {' | '.join(sorted(samplers))}")
-    if problems or not curves:
-        return problems
-    stats = record_statistics(curves, target, track)
-    for key in ("time_to_target", "time_to_target_mean", "time_to_target_std", "claimed_checkpoint",
-                "claimed_seconds", "scores_at_claim", "p_value"):
-        if not np.allclose(np.array(stats[key], dtype=float), np.array(record.get(key), dtype=float), atol=1e-6,
-                           equal_nan=True):
-            problems.append(f"record.json: {key} is {record.get(key)!r}, the curves give {stats[key]!r}")
-    if stats["claimed_checkpoint"] is None:
-        problems.append(f"{folder}: no checkpoint mark beats {target} at p < {MAX_P} with the cadence it needs")
-        for k in range(min(len(points) for points in curves)):  # why the first mark that beats it is not a claim
-            _, p, seconds = mark_evidence(curves, k, target)
-            if p < MAX_P:
-                gaps, allowed = too_coarse(curves, k, seconds, track)
-                problems.extend(f"{folder / runs[i] / 'curve.json'}: checkpoints up to mark {k} at most {allowed:.1f} s "
-                                f"apart for a {seconds:.1f} s claim (largest gap {gap:.1f} s)" for i, gap in gaps.items())
-                break
-        return problems
-    k = stats["claimed_checkpoint"]
-    for run, points in zip(runs, curves):
-        if track == "shapes":
-            try:
-                scores, prompts = score_packed_samples(folder / run / "samples.npz")
-            except (OSError, ValueError, KeyError) as e:
-                problems.append(f"{folder / run / 'samples.npz'}: unreadable ({type(e).__name__}: {e})")
-                continue
-            rescored = scores["overall"]
-            eval_sets.add(json.dumps(prompts))
-            problem = shapes_eval_set_problem(prompts, int(next(iter(seeds)))) if len(seeds) == 1 else (
-                f"the logs give dataset seeds {sorted(seeds)}, not one")
-            if problem:
-                problems.append(f"{folder / run / 'samples.npz'}: {problem}")
-            if abs(rescored - points[k]["overall"]) > 1e-9:
-                problems.append(f"{folder / run / 'samples.npz'}: rescored overall {rescored:.4f}, "
-                                f"curve.json says {points[k]['overall']:.4f}")
-        elif not (folder / run / "samples.sha256").exists():
-            problems.append(f"{folder / run}: no samples.sha256")
-    if len(eval_sets) > 1:
-        problems.append(f"{folder}: the runs were scored on different prompts")
-    for name in ("README.md", "curve.png", "grid.png"):
-        if not (folder / name).exists():
-            problems.append(f"{folder / name}: missing")
-    return problems
 
 
 # -----------------------------------------------------------------------------
@@ -1186,7 +1012,6 @@ def options_from_args(args):
 
 
 def main(argv=None):
-    import sample
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     metrics = dict(nargs="+", choices=["geneval", *SCALAR_METRICS], default=["geneval"],
@@ -1222,13 +1047,6 @@ def main(argv=None):
     b.add_argument("--crops", type=int, default=2, help="objects classified for colour per image")
     add_scoring_args(b, backends=BACKENDS)
     b.set_defaults(backend="mask2former", score_batch_size=8)
-    r = sub.add_parser("record", help="pack n runs (each with curve.json) into a record folder")
-    r.add_argument("runs", nargs="+")
-    r.add_argument("--name", required=True)
-    r.add_argument("--track", choices=sorted(CHECKPOINT_GAP_FLOOR), default="shapes")
-    r.add_argument("--out", default=None, help="default: records/<track>/<date>_<name>")
-    k = sub.add_parser("check-record", help="validate a record folder")
-    k.add_argument("folder")
     t = sub.add_parser("truth", help="ground-truth renders of a Shapes data set's evaluation prompts")
     t.add_argument("data")
     t.add_argument("--out", required=True)
@@ -1242,7 +1060,7 @@ def main(argv=None):
     elif args.command == "plot":
         missing = [run for run in args.runs if not (Path(run) / f"{args.curve}.json").exists()]
         if missing:
-            raise data.UserError(f"{Path(missing[0]) / args.curve}.json: missing (run `evaluate.py curve` first)")
+            raise UserError(f"{Path(missing[0]) / args.curve}.json: missing (run `evaluate.py curve` first)")
         plot_curves({run: json.loads((Path(run) / f"{args.curve}.json").read_text()) for run in args.runs},
                     args.out, args.metrics)
         print(f"wrote {args.out}")
@@ -1259,17 +1077,6 @@ def main(argv=None):
         print(f"wrote {len(rows)} prompts in {len({r['tag'] for r in rows})} categories to {args.out}")
     elif args.command == "bench-detector":
         bench_detector(args)
-    elif args.command == "record":
-        import datetime
-        out = args.out or f"records/{args.track}/{datetime.date.today():%Y-%m-%d}_{args.name}"
-        record = build_record(args.runs, out, args.name, args.track)
-        print(f"record: {out}  {record['claimed_seconds']:.1f} s to {record['target']} "
-              f"(p = {record['p_value']:.2g}, n = {record['n']})")
-    elif args.command == "check-record":
-        problems = check_record(args.folder)
-        if problems:
-            sys.exit(f"error: {args.folder}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
-        print(f"record OK: {args.folder}")
     elif args.command == "truth":
         truth(args)
 
@@ -1277,5 +1084,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except data.UserError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")

@@ -6,12 +6,17 @@ image tokens in every block (one shared attention, as in DiT's in-context condit
 pooled caption embedding joins the timestep embedding in the adaLN-Zero modulation. A learned
 null caption replaces the text for classifier-free guidance.
 """
+import dataclasses
+import hashlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import UserError, atomic_write
 
 
 @dataclass
@@ -33,16 +38,6 @@ class DiTConfig:
     @property
     def image_tokens(self):
         return (self.input_size // self.patch_size) ** 2
-
-
-# Width/depth presets, as in DiT (S/B/L/XL); tiny is for CPU runs and tests.
-PRESETS = {
-    "tiny": dict(hidden=128, depth=4, heads=4),
-    "S": dict(hidden=384, depth=12, heads=6),
-    "B": dict(hidden=768, depth=12, heads=12),
-    "L": dict(hidden=1024, depth=24, heads=16),
-    "XL": dict(hidden=1152, depth=28, heads=16),
-}
 
 
 def modulate(x, shift, scale):
@@ -251,3 +246,91 @@ def flops_per_image(cfg: DiTConfig, training=True):
              + 2 * 256 * D + 2 * D * D  # timestep MLP
              + 2 * D * 2 * D + N_img * 2 * D * pp_c)  # final adaLN + output projection
     return 3 * flops if training else flops
+
+
+def matmul_peak_flops(device, n=8192, iters=50):
+    """FLOP/s of a large bf16 matmul on this device: the ceiling that MFU is measured against, in the same process."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: tensors and plain types only, with a hash of their content
+
+
+def content_hash(obj):
+    """sha256 over a checkpoint's contents (tensors by dtype, shape and bytes; plain values by repr), in a fixed
+    order: a flipped byte anywhere in a weight changes it."""
+    h = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            h.update(f"tensor {x.dtype} {tuple(x.shape)};".encode())
+            h.update(x.view(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(f"dict {len(x)};".encode())
+            for key in sorted(x, key=repr):
+                h.update(f"{key!r}:".encode())
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__} {len(x)};".encode())
+            for item in x:
+                visit(item)
+        else:
+            h.update(f"{x!r};".encode())
+
+    visit(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(state, path):
+    """Write a checkpoint atomically, with the sha256 of its contents under "content_sha256"."""
+    atomic_write(path, lambda f: torch.save({**state, "content_sha256": content_hash(state)}, f))
+
+
+def load_checkpoint(path, expected_cfg=None):
+    """A checkpoint's dict, loaded without unpickling anything but tensors and plain types, its content hash
+    checked; with expected_cfg, one written for another model config is refused."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: checkpoint not found") from None
+    except Exception as e:  # a crafted pickle is refused here, before anything in it runs
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"{path}: not a readable checkpoint of tensors and plain types ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt:
+        raise UserError(f"{path}: not a train_dit.py checkpoint (no 'model_config')")
+    stored = ckpt.pop("content_sha256", None)
+    if stored is None:
+        raise UserError(f"{path}: no content hash (written by a train_dit.py older than the hashed checkpoints)")
+    if content_hash(ckpt) != stored:
+        raise UserError(f"{path}: content hash mismatch: the file is corrupt or was edited")
+    unknown = ckpt["model_config"].keys() - {f.name for f in dataclasses.fields(DiTConfig)}
+    if unknown:
+        raise UserError(f"{path}: checkpoint config has fields model.py does not know: {sorted(unknown)}")
+    if expected_cfg is not None:
+        diffs = [f"{k} {v!r} != {getattr(expected_cfg, k)!r}" for k, v in ckpt["model_config"].items()
+                 if getattr(expected_cfg, k, None) != v]
+        if diffs:
+            raise UserError(f"{path}: checkpoint is for another model config ({', '.join(diffs)})")
+    return ckpt
+
+
+def load_weights(module, state_dict, path):
+    """load_state_dict, with weights that do not fit the model (model.py edited since?) as a one-line error."""
+    missing, unexpected = module.state_dict().keys() - state_dict.keys(), state_dict.keys() - module.state_dict().keys()
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit model.py (missing {sorted(missing)[:3]}, "
+                        f"unexpected {sorted(unexpected)[:3]})")
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not fit model.py ({str(e).splitlines()[-1].strip()})") from None

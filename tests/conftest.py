@@ -39,8 +39,8 @@ def run_cli(*args, timeout=300, cwd=REPO):
 
 def train(data_dir, out, seed=0, *extra):
     """A 20-step CPU run of the tiny preset; fails the test if the run fails."""
-    result = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", data_dir, "--out", out,
-                     "--max_steps", TRAIN_STEPS, "--log_every", 10, "--batch_size", TRAIN_BATCH,
+    result = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", data_dir, "--out", out,
+                     "--max-steps", TRAIN_STEPS, "--log-every", 10, "--batch-size", TRAIN_BATCH,
                      "--seed", seed, *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return Path(out)
@@ -77,7 +77,7 @@ def shapes_data(tmp_path_factory):
 def trained_run(shapes_data, tmp_path_factory):
     """A 20-step seed-0 run of the tiny preset, checkpointing at steps 10 and 20. Read-only."""
     out = tmp_path_factory.mktemp("runs") / "seed0"
-    return train(shapes_data, out, 0, "--ckpt_every_seconds", "0.0001")
+    return train(shapes_data, out, 0, "--ckpt-every-seconds", "0.0001")
 
 
 @pytest.fixture(scope="session")

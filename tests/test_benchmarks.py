@@ -436,7 +436,7 @@ def test_plumbing_curve_from_samples_with_fake_hpsv3(tmp_path, fake_hpsv3):
     header = (run / "curve.csv").read_text().splitlines()[0].split(",")
     assert header == ["train_seconds", "step", "images_seen", "geneval_metric", "colors", "single_object", "overall",
                       "hpsv3", "hpsv3/colors", "hpsv3/single_object"]
-    assert Image.open(run / "curve.png").size[1] == int((0.8 + 3.2 * 2) * 120)  # two panels: overall and hpsv3
+    assert Image.open(run / "curve.png").size[1] == int((4.2 + 2.6 * 1) * 120)  # two panels: geneval and hpsv3
     evaluate.main(["plot", str(run), str(run), "--metrics", "overall", "colors", "hpsv3", "--out", str(tmp_path / "f.png")])
     assert Image.open(tmp_path / "f.png").size[1] == int((0.8 + 3.2 * 3) * 120)
 

@@ -25,8 +25,8 @@ def launch(*args, nproc=1):
 @pytest.fixture(scope="module")
 def two_process_run(shapes_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
-    launch("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", out, "--max_steps", STEPS,
-           "--log_every", 5, "--batch_size", TRAIN_BATCH, "--ckpt_every_seconds", 0.0001, nproc=2)
+    launch("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", out, "--max-steps", STEPS,
+           "--log-every", 5, "--batch-size", TRAIN_BATCH, "--ckpt-every-seconds", 0.0001, nproc=2)
     return out
 
 
@@ -52,7 +52,7 @@ def test_ranks_hold_identical_weights_at_every_checkpoint(two_process_run):
 
 
 def test_gradient_accumulation_follows_the_whole_batch_run(shapes_data, trained_run, tmp_path):
-    run = train(shapes_data, tmp_path / "micro", 0, "--micro_batch_size", TRAIN_BATCH // 4)
+    run = train(shapes_data, tmp_path / "micro", 0, "--micro-batch-size", TRAIN_BATCH // 4)
     one, micro = logged_losses(trained_run), logged_losses(run)
     for s in range(1, 21):
         assert float(micro[s]) == pytest.approx(float(one[s]), rel=1e-4, abs=1e-6), s
@@ -73,8 +73,8 @@ def test_two_process_sampling_writes_the_same_files(trained_run, shapes_data, tm
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, shapes_data, trained_run, tmp_path):
-    launch("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "resumed",
-           "--max_steps", STEPS, "--log_every", 5, "--batch_size", TRAIN_BATCH,
+    launch("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "resumed",
+           "--max-steps", STEPS, "--log-every", 5, "--batch-size", TRAIN_BATCH,
            "--resume", two_process_run / "checkpoints" / "ckpt_0000005.pt")
     one, resumed = logged_losses(trained_run), logged_losses(tmp_path / "resumed")
     assert sorted(resumed) == list(range(6, STEPS + 1))

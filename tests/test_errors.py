@@ -26,8 +26,8 @@ def verify_cli(root, tmp_path):
 
 
 def train_cli(root, tmp_path):
-    return run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", root, "--out", tmp_path / "run",
-                   "--max_steps", 1, "--batch_size", 8)
+    return run_cli("train_dit.py", "--config", "shapes-cpu", "--data", root, "--out", tmp_path / "run",
+                   "--max-steps", 1, "--batch-size", 8)
 
 
 CLIS = {"verify": verify_cli, "train": train_cli}
@@ -101,13 +101,13 @@ def test_score_with_a_missing_image_names_it(truth_copy, prompt, image):
     assert not (truth_copy / "scores.json").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--patch_size", "4"), ("--prediction", "velocity")])
+@pytest.mark.parametrize("flag,value", [("--patch-size", "4"), ("--prediction", "velocity")])
 def test_resume_from_another_model_config_is_an_error(flag, value, shapes_data, trained_run, tmp_path):
     ckpt = shutil.copy(trained_run / "checkpoints" / "ckpt_0000010.pt", tmp_path / "ckpt.pt")
     before = sha256(ckpt)
-    result = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "run",
-                     "--max_steps", 1, "--batch_size", 8, "--resume", ckpt, flag, value)
-    assert_one_line_error(result, ckpt, flag.lstrip("-"))
+    result = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "run",
+                     "--max-steps", 1, "--batch-size", 8, "--resume", ckpt, flag, value)
+    assert_one_line_error(result, ckpt, flag.lstrip("-").replace("-", "_"))
     assert sha256(ckpt) == before
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
 
@@ -115,12 +115,12 @@ def test_resume_from_another_model_config_is_an_error(flag, value, shapes_data, 
 @pytest.fixture
 def checkpoint_with_a_missing_weight(trained_run, tmp_path):
     """A checkpoint whose weights miss one tensor, as after an edit of model.py between runs."""
-    import torch
-    ckpt = torch.load(trained_run / "checkpoints" / "ckpt_0000010.pt", map_location="cpu", weights_only=False)
+    import model
+    ckpt = model.load_checkpoint(trained_run / "checkpoints" / "ckpt_0000010.pt")
     for weights in ("model", "ema"):
         del ckpt[weights]["text_embed.pos"]
     path = tmp_path / "edited.pt"
-    torch.save(ckpt, path)
+    model.save_checkpoint(ckpt, path)
     return path
 
 
@@ -129,8 +129,8 @@ def test_checkpoint_whose_weights_do_not_fit_is_a_one_line_error(cli, checkpoint
                                                                  shapes_data, tmp_path):
     ckpt = checkpoint_with_a_missing_weight
     if cli == "train":
-        result = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "run",
-                         "--max_steps", 11, "--batch_size", 8, "--resume", ckpt)
+        result = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "run",
+                         "--max-steps", 11, "--batch-size", 8, "--resume", ckpt)
     else:
         prompts = tmp_path / "one.jsonl"
         data.write_metadata(prompts, data.read_metadata(shapes_data / "eval_metadata.jsonl")[:1])
@@ -141,8 +141,8 @@ def test_checkpoint_whose_weights_do_not_fit_is_a_one_line_error(cli, checkpoint
 def test_training_into_a_folder_with_checkpoints_is_refused(shapes_data, trained_run, tmp_path):
     run = shutil.copytree(trained_run, tmp_path / "run")
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    result = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", run,
-                     "--max_steps", 1, "--batch_size", 8)
+    result = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", run,
+                     "--max-steps", 1, "--batch-size", 8)
     assert_one_line_error(result, run / "checkpoints", "--resume")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 

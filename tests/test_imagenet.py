@@ -157,8 +157,8 @@ def test_unreachable_vae_names_the_model_and_the_fix(tree, tmp_path):
 
 def test_training_steps_and_100_nfe_sampling_run_on_imagenet_shards(shards, tmp_path):
     run = tmp_path / "run"
-    result = run_cli("train_dit.py", "--preset", "imagenet-gpu", "--data", shards, "--out", run, "--model", "tiny",
-                     "--batch_size", 4, "--max_steps", 3, "--log_every", 1, "--compile", "false")
+    result = run_cli("train_dit.py", "--config", "imagenet", "--data", shards, "--out", run, "--hidden", 128, "--depth", 4, "--heads", 4,
+                     "--batch-size", 4, "--max-steps", 3, "--log-every", 1, "--compile", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     prompts = tmp_path / "p.jsonl"
     data.write_metadata(prompts, [{"tag": "single_object", "prompt": "a photo of a goldfish",

@@ -1,18 +1,23 @@
-"""Records: packing n runs into a record folder, and the validator that recomputes and rejects.
+"""Records: packing n runs into a record_dir folder, and the validator that recomputes and rejects.
 
 The runs are assembled from real parts: the tiny training run's log (code, environment, data order
 hash), and sample folders of ground-truth renders with a few images replaced by noise, scored by
 the real detector into each run's curve.json.
 """
+import gzip
+import hashlib
 import json
+import re
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import evaluate
-from conftest import REPO, run_cli
+import record
+from conftest import REPO, TRAIN_BATCH, run_cli
 
 PROMPT_DIRS = [f"{i:05d}" for t in range(6) for i in range(t * 20, t * 20 + 2)]  # 2 prompts of each tag
 NOISE_AT_CLAIM = [0, 1, 0, 1, 2]  # noise images per run at the last checkpoint: scores 1 - k/48
@@ -21,13 +26,21 @@ SAMPLER = {"nfe": 100, "sampler": "euler", "cfg_scale": 6.0, "cfg_interval": [0.
 
 
 def make_samples(truth, out, noisy, seed):
-    """A GenEval-layout folder of 12 truth prompts, the first `noisy` images (in order) replaced by noise."""
+    """A GenEval-layout folder of 12 truth prompts, the first `noisy` images (in order) replaced by noise; each
+    other image marked by `seed` in one background pixel (the detector does not see it, the hash does: two runs
+    never draw the same image)."""
     rng = np.random.default_rng(seed)
     for new, old in enumerate(PROMPT_DIRS):
         shutil.copytree(truth / old, out / f"{new:05d}")
     images = sorted(out.glob("*/samples/*.png"))
-    for path in images[:: max(1, len(images) // max(noisy, 1))][:noisy]:
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    noise = images[:: max(1, len(images) // max(noisy, 1))][:noisy]
+    for path in images:
+        if path in noise:
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+        else:
+            pixels = np.asarray(Image.open(path)).copy()
+            pixels[0, 0] = 100 + seed % 50
+            Image.fromarray(pixels).save(path)
 
 
 def edit_hyperparameters(text, old, new):
@@ -38,69 +51,107 @@ def edit_hyperparameters(text, old, new):
     return text[:at] + text[at:].replace(old, new, 1)
 
 
+def scale_clock(text, factor, loss_shift=0.0):
+    """A log whose training clock ran `factor` times as long (clock, checkpoint and img/s lines alike) and
+    whose losses are shifted: the log of another run of the same recipe on a slower or faster machine."""
+    def clock(m):
+        return f"step {m[1]} | train {float(m[2]) * factor:.3f} s | loss {float(m[3]) + loss_shift:.4f} | " \
+               f"{float(m[4]) / factor:.0f} img/s"
+    text = re.sub(r"^step (\d+) \| train (\S+) s \| loss (\S+) \| (\d+) img/s", clock, text, flags=re.M)
+    seconds = record.log_lines(text)["clock"]  # a checkpoint line gives its step's clock at 0.1 s
+    text = re.sub(r"^(checkpoint \S+ at )(\S+)( s, step (\d+))$", lambda m: f"{m[1]}{seconds[int(m[4])]:.1f}{m[3]}",
+                  text, flags=re.M)
+    return re.sub(r"^step (\d+) loss (\S+)$", lambda m: f"step {m[1]} loss {float(m[2]) + loss_shift:.5f}", text,
+                  flags=re.M)
+
+
+def make_run(run, log, seed, factor, samples_of):
+    """A run folder: `log` as this seed's, its clock scaled by `factor`, and a curve.json whose points are the
+    log's checkpoints, sampled into samples_of(step) and scored by the real detector."""
+    log = scale_clock(edit_hyperparameters(log, '"seed": 0,', f'"seed": {seed},'), factor, 1e-4 * seed)
+    run.mkdir(parents=True)
+    (run / "log.txt").write_text(log)
+    lines = record.log_lines(log)
+    sampler = {**SAMPLER, "sample_py_sha256": hashlib.sha256((REPO / "sample.py").read_bytes()).hexdigest()}
+    points = []
+    for step in sorted(lines["checkpoints"]):
+        ckpt = f"ckpt_{step:07d}"
+        samples_of(step, run / "samples" / ckpt)
+        points.append({"checkpoint": f"{run}/checkpoints/{ckpt}.pt", **sampler, "params": lines["params"],
+                       "train_seconds": lines["clock"][step], "step": step, "images_seen": TRAIN_BATCH * step,
+                       **evaluate.score_folder(run / "samples" / ckpt)})
+    (run / "curve.json").write_text(json.dumps(points))
+    return run
+
+
 @pytest.fixture(scope="module")
 def five_runs(trained_run, truth_renders, tmp_path_factory):
+    """Five runs of one recipe built from the real 20-step log (checkpoints at steps 10 and 20), each with its
+    own seed, clock and losses; their samples are truth renders with noise images (all noise at step 10)."""
     root = tmp_path_factory.mktemp("record_runs")
-    params = int(next(line.split()[1].replace(",", "") for line in (trained_run / "log.txt").read_text().splitlines()
-                      if line.startswith("params:")))
+    log = (trained_run / "log.txt").read_text()
     runs = []
     for r, noisy_at_claim in enumerate(NOISE_AT_CLAIM):
-        run = root / f"r{r}"
-        run.mkdir()
-        # one real log, given each run its own training seed
-        log = (trained_run / "log.txt").read_text()
-        (run / "log.txt").write_text(edit_hyperparameters(log, '"seed": 0,', f'"seed": {r},'))
-        points = []
-        for k, noisy in enumerate([48, 24, noisy_at_claim]):
-            ckpt = f"ckpt_{k:07d}"
-            make_samples(truth_renders, run / "samples" / ckpt, noisy, seed=10 * r + k)
-            scores = evaluate.score_folder(run / "samples" / ckpt)
-            points.append({"checkpoint": f"{run}/checkpoints/{ckpt}.pt", **SAMPLER, "params": params,
-                           "train_seconds": 4.0 * (k + 1) + 0.01 * r, "step": 10 * (k + 1),
-                           "images_seen": 80 * (k + 1), **scores})
-        (run / "curve.json").write_text(json.dumps(points))
-        runs.append(run)
+        def samples_of(step, out, r=r, noisy_at_claim=noisy_at_claim):
+            make_samples(truth_renders, out, 48 if step == 10 else noisy_at_claim, seed=10 * r + step)
+        # each run's own clock, its last checkpoint near 2 s whatever this machine's speed (the cadence floor: 7 s)
+        factor = (1 + 0.01 * r) * 2.0 / record.log_lines(log)["clock"][20]
+        runs.append(make_run(root / f"r{r}", log, r, factor, samples_of))
     return runs
 
 
 @pytest.fixture(scope="module")
-def record(five_runs, tmp_path_factory):
+def record_dir(five_runs, tmp_path_factory):
     out = tmp_path_factory.mktemp("records") / "2026-11-23_Test"
-    evaluate.build_record([str(r) for r in five_runs], out, "Test")
+    record.build_record([str(r) for r in five_runs], out, "Test")
     return out
 
 
-def test_record_holds_runs_samples_and_recomputable_statistics(record):
-    rec = json.loads((record / "record.json").read_text())
-    assert rec["n"] == 5 and rec["claimed_checkpoint"] == 2
+def test_record_holds_runs_samples_and_recomputable_statistics(record_dir, five_runs):
+    rec = json.loads((record_dir / "record.json").read_text())
+    assert rec["n"] == 5 and rec["claimed_checkpoint"] == 1 and rec["format"] == record.FORMAT
     assert rec["scores_at_claim"] == pytest.approx([1 - k / 48 for k in NOISE_AT_CLAIM])
-    assert rec["claimed_seconds"] == pytest.approx(12.02)
     assert rec["p_value"] < 0.01
-    for run in rec["runs"]:
-        packed = np.load(record / run / "samples.npz")
-        assert packed["images"].shape == (12, 4, 64, 64, 3)
+    for run, source in zip(rec["runs"], five_runs):
+        header, rows = record.read_packed(record_dir / run / "samples.jsonl.gz")
+        assert len(header["prompts"]) == 12 and [(r["prompt"], r["image"]) for r in rows] == [
+            (i, j) for i in range(12) for j in range(4)]
+        image = np.asarray(Image.open(source / "samples" / "ckpt_0000020" / "00003" / "samples" / "0002.png").convert("RGB"))
+        assert rows[3 * 4 + 2]["sha256"] == record.image_sha256(image)
+        assert gzip.decompress((record_dir / run / "log.txt.gz").read_bytes()).decode() == (source / "log.txt").read_text()
     for name in ("README.md", "curve.png", "grid.png"):
-        assert (record / name).exists()
-    readme = (record / "README.md").read_text()  # one row per run: seed from its log, steps and img/s at the end
-    assert "| run1 | 0 | 30 | 20 | 12.0 s | 1.000 |" in readme
-    assert "| run2 | 1 | 30 | 20 | 12.0 s | 0.979 |" in readme
-    assert "| run5 | 4 | 30 | 20 | 12.0 s | 0.958 |" in readme
-    assert evaluate.check_record(record) == []
-    result = run_cli("evaluate.py", "check-record", record)
+        assert (record_dir / name).exists()
+    readme = (record_dir / "README.md").read_text()  # one row per run: seed from its log, steps and img/s at the end
+    assert re.search(r"^\| run1 \| 0 \| 20 \| [\d,]+ \| [\d.]+ s \| 1.000 \|$", readme, re.M)
+    assert re.search(r"^\| run5 \| 4 \| 20 \| [\d,]+ \| [\d.]+ s \| 0.958 \|$", readme, re.M)
+    assert record.check_record(record_dir) == []
+    result = run_cli("record.py", "check", record_dir)
     assert result.returncode == 0 and "record OK" in result.stdout
 
 
-def corrupt_copy(record, tmp_path, edit):
-    copy = shutil.copytree(record, tmp_path / "bad")
+def test_exact_samples_pass_and_an_edited_image_is_found(record_dir, five_runs, tmp_path):
+    samples = tmp_path / "exact"
+    for name, run in zip(json.loads((record_dir / "record.json").read_text())["runs"], five_runs):
+        shutil.copytree(run / "samples" / "ckpt_0000020", samples / name)
+    assert record.check_record(record_dir, samples) == []
+    image = samples / "run3" / "00004" / "samples" / "0001.png"
+    pixels = np.asarray(Image.open(image)).copy()
+    pixels[0, 0] ^= 1  # one bit of one pixel
+    Image.fromarray(pixels).save(image)
+    problems = record.check_record(record_dir, samples)
+    assert problems == [f"{samples / 'run3'}: image 00004/0001 has another sha256 than "
+                        f"{record_dir / 'run3' / 'samples.jsonl.gz'} records"]
+
+
+def corrupt_copy(record_dir, tmp_path, edit):
+    copy = shutil.copytree(record_dir, tmp_path / "bad")
     edit(copy)
     return copy
 
 
-def drop_model_code(rec):
-    log = rec / "run2" / "log.txt"
-    text = log.read_text()
-    start = text.index("==================== model.py")
-    log.write_text(text[:start] + text[text.index("==================== data.py"):])
+def edit_log(rec, run, change):
+    path = rec / run / "log.txt.gz"
+    path.write_bytes(gzip.compress(change(gzip.decompress(path.read_bytes()).decode()).encode()))
 
 
 def edit_curve(rec, run, change):
@@ -111,83 +162,177 @@ def edit_curve(rec, run, change):
     path.write_text(json.dumps(points))
 
 
+def edit_packed(rec, run, change):
+    """Rewrite one run's samples.jsonl.gz through change(header, rows)."""
+    path = rec / run / "samples.jsonl.gz"
+    header, rows = record.read_packed(path)
+    change(header, rows)
+    lines = [json.dumps(header)] + [json.dumps(row) for row in rows]
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+
+
+def edit_record(rec, change):
+    path = rec / "record.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def restate(rec):
+    """Recompute record.json's statistics from the (edited) curves, as a forger would."""
+    curves = [json.loads((rec / run / "curve.json").read_text()) for run in json.loads((rec / "record.json").read_text())["runs"]]
+    edit_record(rec, lambda meta: meta.update(record.record_statistics(curves, meta["target"], meta["track"])))
+
+
+def drop_model_code(rec):
+    def drop(text):
+        start = text.index("\n==================== model.py\n")
+        return text[:start] + text[text.index("\n==================== data.py\n", start):]
+    edit_log(rec, "run2", drop)
+
+
+def drop_sampler_code(rec):
+    def drop(text):
+        start = text.index("\n==================== sample.py\n")
+        return text[:start] + text[text.index("\n==================== environment\n", start):]
+    edit_log(rec, "run2", drop)
+
+
 def edit_time(rec):
-    edit_curve(rec, "run3", lambda points: points[2].update(train_seconds=points[2]["train_seconds"] - 3.0))
+    edit_curve(rec, "run3", lambda points: points[1].update(train_seconds=points[1]["train_seconds"] - 0.3))
+
+
+def scale_every_curve(rec):  # every curve's clock x 0.8, record.json restated: the logs say otherwise
+    for run in ("run1", "run2", "run3", "run4", "run5"):
+        edit_curve(rec, run, lambda points: [p.update(train_seconds=p["train_seconds"] * 0.8) for p in points])
+    restate(rec)
+
+
+def edit_clock_lines(rec):  # the per-step clock of one log made faster, its checkpoint lines and curve left
+    edit_log(rec, "run4", lambda text: re.sub(r"^(step \d+ \| train )(\S+)", lambda m: f"{m[1]}{float(m[2]) * 0.8:.3f}",
+                                             text, flags=re.M))
+
+
+def faster_clock_everywhere(rec):  # run3's clock lines, checkpoint lines and curve all x 0.8; its img/s left
+    edit_log(rec, "run3", lambda text: re.sub(r"(\d+) img/s", lambda m: f"{float(m[1]) * 0.8:.0f} img/s",
+                                             scale_clock(text, 0.8)))
+    lines = record.log_lines(record.read_log(rec / "run3"))
+    edit_curve(rec, "run3", lambda points: [p.update(train_seconds=lines["clock"][p["step"]]) for p in points])
+    restate(rec)
 
 
 def set_nfe(rec):
     edit_curve(rec, "run1", lambda points: points[1].update(nfe=50))
 
 
-def noise_samples(rec):
-    path = rec / "run4" / "samples.npz"
-    packed = dict(np.load(path))
-    packed["images"][:6] = np.random.default_rng(0).integers(0, 256, packed["images"][:6].shape, dtype=np.uint8)
-    np.savez_compressed(path, **packed)
+def pass_failing_images(rec):  # the detections of run4's failing images replaced by a passing image's
+    def change(header, rows):
+        for row in rows:
+            if not evaluate.judge_stored(row["detections"], header["prompts"][row["prompt"]]):
+                row["detections"] = rows[row["prompt"] * 4 + 3]["detections"] if row["image"] != 3 else row["detections"]
+    edit_packed(rec, "run5", change)
 
 
-def sparse_checkpoints(rec):
-    def spread(points):  # checkpoints 12 s apart
-        for p in points:
-            p["train_seconds"] *= 3
-    edit_curve(rec, "run2", spread)
+def drop_an_image(rec):
+    edit_packed(rec, "run2", lambda header, rows: rows.pop(7))
+
+
+def sparse_checkpoints(rec):  # run2 ran on a slower machine: its first checkpoint at 10 s, 7 s are allowed
+    factor = 10.0 / record.log_lines(record.read_log(rec / "run2"))["clock"][10]
+    edit_log(rec, "run2", lambda text: scale_clock(text, factor))
+    lines = record.log_lines(record.read_log(rec / "run2"))
+    edit_curve(rec, "run2", lambda points: [p.update(train_seconds=lines["clock"][p["step"]]) for p in points])
 
 
 def guidance_tuned_for_one_run(rec):
-    edit_curve(rec, "run4", lambda points: points[2].update(cfg_scale=8.0))
+    edit_curve(rec, "run4", lambda points: points[1].update(cfg_scale=8.0))
+
+
+def other_sampler_code(rec):
+    edit_curve(rec, "run4", lambda points: [p.update(sample_py_sha256="0" * 64) for p in points])
 
 
 def duplicate_a_run(rec):
-    shutil.copy(rec / "run1" / "log.txt", rec / "run2" / "log.txt")
+    shutil.copy(rec / "run1" / "log.txt.gz", rec / "run2" / "log.txt.gz")
+
+
+def best_run_twice(rec):  # the weakest run replaced by a copy of the best, its seed edited
+    for name in ("log.txt.gz", "curve.json", "samples.jsonl.gz"):
+        shutil.copy(rec / "run1" / name, rec / "run5" / name)
+    edit_log(rec, "run5", lambda text: edit_hyperparameters(text, '"seed": 0,', '"seed": 4,'))
+    restate(rec)
 
 
 def change_one_runs_budget(rec):
-    log = rec / "run3" / "log.txt"
-    log.write_text(edit_hyperparameters(log.read_text(), '"budget_seconds": ', '"budget_seconds": 1'))
+    edit_log(rec, "run3", lambda text: edit_hyperparameters(text, '"budget_seconds": ', '"budget_seconds": 1'))
 
 
 def drop_a_hard_tag(rec):
-    path = rec / "run5" / "samples.npz"
-    packed = dict(np.load(path))
-    prompts = json.loads(str(packed["prompts"]))
-    keep = [i for i, p in enumerate(prompts) if p["tag"] != "color_attr"]
-    packed["images"] = packed["images"][keep]
-    packed["prompts"] = np.array(json.dumps([prompts[i] for i in keep]))
-    np.savez_compressed(path, **packed)
+    def change(header, rows):
+        keep = [i for i, p in enumerate(header["prompts"]) if p["tag"] != "color_attr"]
+        rows[:] = [dict(r, prompt=keep.index(r["prompt"])) for r in rows if r["prompt"] in keep]
+        header["prompts"] = [header["prompts"][i] for i in keep]
+    edit_packed(rec, "run5", change)
 
 
-@pytest.mark.parametrize("edit,reason", [(drop_model_code, "no 'model.py' section"),
-                                         (edit_time, "the curves give"),
-                                         (set_nfe, "nfe 50, not 100"),
-                                         (noise_samples, "rescored overall"),
-                                         (sparse_checkpoints, "up to mark 2 at most 7.0 s apart for a 16.8 s claim (largest gap 12.0 s)"),
-                                         (guidance_tuned_for_one_run, "sampled with different settings"),
-                                         (duplicate_a_run, "the runs share a training seed [0, 0, 2, 3, 4]"),
-                                         (change_one_runs_budget, "hyperparameters differ in ['budget_seconds']"),
-                                         (drop_a_hard_tag, "a record scores the same number of prompts of every tag")],
-                         ids=["missing-code", "edited-time", "nfe-50", "swapped-samples", "sparse-checkpoints",
-                              "per-run-guidance", "duplicated-run", "other-recipe", "dropped-tag"])
-def test_validator_rejects_a_corrupted_record_with_its_reason(record, tmp_path, edit, reason):
-    bad = corrupt_copy(record, tmp_path, edit)
-    problems = evaluate.check_record(bad)
+def edit_hardware(rec):
+    edit_record(rec, lambda meta: meta.update(hardware="NVIDIA B200"))
+
+
+def edit_params(rec):
+    edit_record(rec, lambda meta: meta.update(params=meta["params"] // 2))
+
+
+def edit_readme_numbers(rec):
+    readme = rec / "README.md"
+    readme.write_text(re.sub(r"\*\*p = [^*]+\*\*", "**p = 0.0001**", readme.read_text()))
+
+
+CORRUPTIONS = [
+    (drop_model_code, "no 'model.py' section"),
+    (drop_sampler_code, "no 'sample.py' section"),
+    (edit_time, "the log's checkpoint line says"),
+    (scale_every_curve, "the log's checkpoint line says"),
+    (edit_clock_lines, "the log's clock line of that step says"),
+    (faster_clock_everywhere, "img/s, its clock gives"),
+    (set_nfe, "nfe 50, not 100"),
+    (pass_failing_images, "the rules on its detections give"),
+    (drop_an_image, "holds 47 images, not 4 for each of the 12 prompts"),
+    (sparse_checkpoints, "checkpoints up to mark 1 at most 7.0 s apart"),
+    (guidance_tuned_for_one_run, "sampled with different settings"),
+    (other_sampler_code, "one sampler code across all runs"),
+    (duplicate_a_run, "the runs share a training seed [0, 0, 2, 3, 4]"),
+    (best_run_twice, "run1 and run5 have the same loss trace and clock and curve: one run counted twice"),
+    (change_one_runs_budget, "hyperparameters differ in ['budget_seconds']"),
+    (drop_a_hard_tag, "a record scores the same number of prompts of every tag"),
+    (edit_hardware, "record.json: hardware 'NVIDIA B200'"),
+    (edit_params, "record.json: params"),
+    (edit_readme_numbers, "the generated summary differs from record.json"),
+]
+
+
+@pytest.mark.parametrize("edit,reason", CORRUPTIONS, ids=[edit.__name__ for edit, _ in CORRUPTIONS])
+def test_validator_rejects_a_corrupted_record_with_its_reason(record_dir, tmp_path, edit, reason):
+    bad = corrupt_copy(record_dir, tmp_path, edit)
+    problems = record.check_record(bad)
     assert any(reason in p for p in problems), problems
-    result = run_cli("evaluate.py", "check-record", bad)
+    result = run_cli("record.py", "check", bad)
     assert result.returncode != 0 and reason in result.stderr and "Traceback" not in result.stderr
 
 
-def test_validator_rejects_too_few_runs(record, tmp_path):
+def test_validator_rejects_too_few_runs(record_dir, tmp_path):
     def four_runs(rec):
         meta = json.loads((rec / "record.json").read_text())
         meta["runs"] = meta["runs"][:4]
         (rec / "record.json").write_text(json.dumps(meta))
-    assert any("at least 5" in p for p in evaluate.check_record(corrupt_copy(record, tmp_path, four_runs)))
+    assert any("at least 5" in p for p in record.check_record(corrupt_copy(record_dir, tmp_path, four_runs)))
 
 
 def test_checkpoint_gap_is_five_percent_of_the_claim_above_a_floor():
     # floor 5 s up to a 100 s claim, then 5% of the claim; 2 s for a checkpoint landing after its mark
-    assert evaluate.max_checkpoint_gap("shapes", 60.0) == pytest.approx(7.0)
-    assert evaluate.max_checkpoint_gap("shapes", 300.0) == pytest.approx(17.0)
-    assert evaluate.max_checkpoint_gap("imagenet", 6 * 3600.0) == pytest.approx(1080.0 + 60.0)
+    assert record.max_checkpoint_gap("shapes", 60.0) == pytest.approx(7.0)
+    assert record.max_checkpoint_gap("shapes", 300.0) == pytest.approx(17.0)
+    assert record.max_checkpoint_gap("imagenet", 6 * 3600.0) == pytest.approx(1080.0 + 60.0)
 
 
 def test_a_cadence_too_coarse_for_the_first_passing_mark_defers_the_claim():
@@ -195,38 +340,56 @@ def test_a_cadence_too_coarse_for_the_first_passing_mark_defers_the_claim():
     # There 5% of the claim + 2 s is 15.26 s < 15.6 s; at mark 17 (280.8 s) it is 16.04 s, so the claim is mark 17
     curves = [[{"train_seconds": 15.6 * (k + 1), "overall": 0.93 + 0.01 * r if k >= 16 else 0.5} for k in range(20)]
               for r in range(5)]
-    stats = evaluate.record_statistics(curves, 0.90, "shapes")
+    stats = record.record_statistics(curves, 0.90, "shapes")
     assert stats["time_to_target"] == [pytest.approx(15.6 * 17)] * 5
     assert stats["claimed_checkpoint"] == 17 and stats["claimed_seconds"] == pytest.approx(15.6 * 18)
     for points in curves:  # 13 s apart: fine enough for mark 16 (221 s: 13.05 s allowed)
         for k, p in enumerate(points):
             p["train_seconds"] = 13.0 * (k + 1)
-    assert evaluate.record_statistics(curves, 0.90, "shapes")["claimed_checkpoint"] == 16
+    assert record.record_statistics(curves, 0.90, "shapes")["claimed_checkpoint"] == 16
 
 
 def test_one_sided_p_value_follows_the_t_distribution():
     # t = (mean - target) / (s / sqrt(n)) = 0.05 / (0.01414 / sqrt 5) = 7.906 on 4 dof; t tables: p = 0.00070
     scores = [0.93, 0.95, 0.95, 0.95, 0.97]
-    assert evaluate.p_value_above(scores, 0.90) == pytest.approx(0.00070, abs=1e-5)
-    assert evaluate.p_value_above(scores, 0.99) > 0.99
-    assert evaluate.p_value_above([0.95] * 5, 0.90) == 0.0
+    assert record.p_value_above(scores, 0.90) == pytest.approx(0.00070, abs=1e-5)
+    assert record.p_value_above(scores, 0.99) > 0.99
+    assert record.p_value_above([0.95] * 5, 0.90) == 0.0
 
 
 def test_a_record_eval_set_is_the_first_prompts_of_every_tag():
     import data
     import sample
     official = data.shapes_eval_prompts(0)
-    assert evaluate.shapes_eval_set_problem(sample.select_prompts(official, 3), 0) is None
+    assert record.shapes_eval_set_problem(sample.select_prompts(official, 3), 0) is None
     picked = [p for tag in data.TAGS for p in [q for q in official if q["tag"] == tag][5:8]]  # chosen, not the first
-    assert "not the first 3" in evaluate.shapes_eval_set_problem(picked, 0)
+    assert "not the first 3" in record.shapes_eval_set_problem(picked, 0)
     uneven = sample.select_prompts(official, 3)[:-1]  # one color_attr prompt short
-    assert "same number of prompts of every tag" in evaluate.shapes_eval_set_problem(uneven, 0)
+    assert "same number of prompts of every tag" in record.shapes_eval_set_problem(uneven, 0)
 
 
-@pytest.mark.parametrize("folder", sorted(p.parent.name for p in (REPO / "records").glob("*/*/record.json")))
+COMMITTED = sorted(p.parent.name for p in (REPO / "records").glob("*/*/record.json"))
+
+
+@pytest.mark.parametrize("folder", COMMITTED)
 def test_every_committed_record_passes_the_validator(folder):
     (path,) = (REPO / "records").glob(f"*/{folder}")
-    assert evaluate.check_record(path) == []
+    assert record.check_record(path) == []
+
+
+@pytest.mark.parametrize("folder", [f for f in COMMITTED if f.startswith("2026-11-24_")])
+def test_the_format_1_records_hold_the_detections_of_their_exact_images_in_git_history(folder, tmp_path):
+    # Their 480 images per run were committed as samples.npz until 3df9fcb; the detector must give exactly the
+    # stored detections on them.
+    (path,) = (REPO / "records").glob(f"*/{folder}")
+    for run in json.loads((path / "record.json").read_text())["runs"]:
+        blob = subprocess.run(["git", "show", f"3df9fcb:{path.relative_to(REPO)}/{run}/samples.npz"], cwd=REPO,
+                              capture_output=True)
+        if blob.returncode != 0:
+            pytest.skip(f"git history without 3df9fcb: {blob.stderr.decode().strip()[:200]}")
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "samples.npz").write_bytes(blob.stdout)
+    assert record.check_record(path, tmp_path) == []
 
 
 @pytest.mark.parametrize("attempt, p_at_160s", [("raw160", 0.031), ("bf16-160", 0.019)])
@@ -235,9 +398,9 @@ def test_the_committed_failed_attempts_have_no_claim(attempt, p_at_160s):
     # t = 2.56 on 4 dof, p = 0.031, where a normal approximation (p = 0.005) would have claimed 160 s.
     # bf16-160: mean 0.915, t = 3.04, p = 0.019.
     curves = json.loads((REPO / f"records/shapes-baseline-tuning/attempt-{attempt}-curves.json").read_text())
-    stats = evaluate.record_statistics(curves, 0.90, "shapes")
+    stats = record.record_statistics(curves, 0.90, "shapes")
     assert stats["claimed_checkpoint"] is None
-    assert evaluate.mark_evidence(curves, 15, 0.90)[1] == pytest.approx(p_at_160s, abs=0.001)
+    assert record.mark_evidence(curves, 15, 0.90)[1] == pytest.approx(p_at_160s, abs=0.001)
 
 
 def test_the_withdrawn_165s_attempt_claims_on_its_five_runs_but_not_on_all_eight():
@@ -246,14 +409,14 @@ def test_the_withdrawn_165s_attempt_claims_on_its_five_runs_but_not_on_all_eight
     # five marks only) take the evidence at that mark to p = 0.18, and only the last mark, 165.3 s, holds.
     tuning = REPO / "records/shapes-baseline-tuning"
     curves = json.loads((tuning / "attempt-raw165-curves.json").read_text())
-    stats = evaluate.record_statistics(curves, 0.90, "shapes")
+    stats = record.record_statistics(curves, 0.90, "shapes")
     assert stats["claimed_checkpoint"] == 17
     assert stats["claimed_seconds"] == pytest.approx(148.8, abs=0.05)
     assert stats["p_value"] == pytest.approx(0.0044, abs=0.0002)
     more = json.loads((tuning / "attempt-raw165-more-curves.json").read_text())
     tails = [points[-5:] for points in curves + list(more.values())]  # marks 15-19 of all eight runs
     assert [len(points) for points in more.values()] == [20, 5, 5]
-    p_at = {k: evaluate.mark_evidence(tails, k - 15, 0.90)[1] for k in (17, 18, 19)}
+    p_at = {k: record.mark_evidence(tails, k - 15, 0.90)[1] for k in (17, 18, 19)}
     assert p_at[17] == pytest.approx(0.176, abs=0.001)
     assert p_at[18] == pytest.approx(0.017, abs=0.001)
     assert p_at[19] == pytest.approx(0.0026, abs=0.0002)

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import data
+import model
 import sample
 import train_dit
 from conftest import REPO, TRAIN_BATCH, TRAIN_STEPS, assert_one_line_error, logged_losses, run_cli, train
@@ -32,7 +33,7 @@ FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return model.load_checkpoint(path)
 
 
 def assert_same_training_state(a, b):
@@ -82,12 +83,13 @@ def test_resume_from_a_checkpoint_without_training_state_is_refused(shapes_data,
     ckpt = load(trained_run / "checkpoints" / ckpt_name(10))
     del ckpt["rng"], ckpt["optimizer"]  # as a checkpoint of an older train_dit.py
     path = tmp_path / "old.pt"
-    torch.save(ckpt, path)
-    hp = train_dit.parse_args(["--preset", "shapes-cpu", "--data", str(shapes_data), "--out", str(tmp_path / "run"),
-                               "--max_steps", "11", "--batch_size", str(TRAIN_BATCH), "--resume", str(path)])
+    model.save_checkpoint(ckpt, path)
+    args = train_dit.parse_args(["--config", "shapes-cpu", "--data", str(shapes_data), "--out", str(tmp_path / "run"),
+                                 "--max-steps", "11", "--batch-size", str(TRAIN_BATCH), "--resume", str(path)])
     lacks = f"{path}: cannot resume from it, it lacks ['optimizer', 'rng']"
     with pytest.raises(data.UserError, match=re.escape(lacks)):
-        train_dit.main(hp)
+        train_dit.main(*args)
+    assert not (tmp_path / "run").exists()  # a start that fails leaves nothing behind
 
 
 # -----------------------------------------------------------------------------
@@ -96,10 +98,10 @@ def test_resume_from_a_checkpoint_without_training_state_is_refused(shapes_data,
 SLOW_SAVE = r"""
 import sys, time
 sys.path.insert(0, {repo!r})
-import torch, train_dit
+import torch, data, model
 
 path = {path!r}
-train_dit.atomic_save({{"model_config": {{}}, "step": 1}}, path)
+model.save_checkpoint({{"model_config": {{}}, "step": 1}}, path)
 
 class SlowFile:
     # A real file whose writes stall once a megabyte is down, so that the kill lands mid-save.
@@ -120,13 +122,13 @@ class SlowFile:
     def __exit__(self, *exc):
         self.f.close()
 
-train_dit.open = lambda *a, **k: SlowFile(open(*a, **k))
-train_dit.atomic_save({{"model_config": {{}}, "step": 2, "big": torch.ones(4 << 20)}}, path)
+data.open = lambda *a, **k: SlowFile(open(*a, **k))
+model.save_checkpoint({{"model_config": {{}}, "step": 2, "big": torch.ones(4 << 20)}}, path)
 """
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_no_mistakable_file(tmp_path):
-    """A real SIGKILL while atomic_save is half-way through writing (held there by a slow file wrapper)."""
+    """A real SIGKILL while a checkpoint save is half-way through writing (held there by a slow file wrapper)."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     path = run / "checkpoints" / ckpt_name(1)
@@ -140,23 +142,23 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_no_mistakable_
     assert child.returncode == -signal.SIGKILL
     partial = path.with_name(path.name + ".tmp")
     assert partial.exists() and partial.stat().st_size > 1 << 20  # the half-written save
-    assert train_dit.load_checkpoint(path)["step"] == 1  # the previous checkpoint, intact
+    assert model.load_checkpoint(path)["step"] == 1  # the previous checkpoint, intact
     with pytest.raises(data.UserError, match="not a readable checkpoint"):
-        train_dit.load_checkpoint(partial)
+        model.load_checkpoint(partial)
     assert sample.checkpoints_of(run) == [path]  # the leftover is never listed as a checkpoint
-    train_dit.atomic_save({"model_config": {}, "step": 3}, path)  # the next save goes through
-    assert train_dit.load_checkpoint(path)["step"] == 3
+    model.save_checkpoint({"model_config": {}, "step": 3}, path)  # the next save goes through
+    assert model.load_checkpoint(path)["step"] == 3
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [ckpt_name(1)]
 
 
-def test_atomic_save_on_a_full_disk_is_a_one_line_error_and_replaces_nothing(tmp_path):
-    """A real ENOSPC: the temporary file is a link to /dev/full, where every write fails with it."""
+def test_checkpoint_save_on_a_full_disk_is_a_one_line_error_and_replaces_nothing(tmp_path):
+    """ENOSPC from the device: the temporary file is a link to /dev/full, where every write fails with it."""
     path = tmp_path / ckpt_name(5)
-    train_dit.atomic_save({"model_config": {}, "step": 5}, path)
+    model.save_checkpoint({"model_config": {}, "step": 5}, path)
     before = path.read_bytes()
     path.with_name(path.name + ".tmp").symlink_to("/dev/full")
     with pytest.raises(data.UserError) as error:
-        train_dit.atomic_save({"model_config": {}, "step": 6, "big": torch.ones(1 << 20)}, path)
+        model.save_checkpoint({"model_config": {}, "step": 6, "big": torch.ones(1 << 20)}, path)
     message = str(error.value)
     assert "\n" not in message and str(path) in message and "No space left on device" in message
     assert path.read_bytes() == before
@@ -171,8 +173,8 @@ def test_full_disk_while_checkpointing_stops_with_one_line_and_keeps_the_previou
     previous = shutil.copy(trained_run / "checkpoints" / ckpt_name(10), run / "checkpoints")
     before = (run / "checkpoints" / ckpt_name(10)).read_bytes()
     (run / "checkpoints" / (ckpt_name(20) + ".tmp")).symlink_to("/dev/full")
-    result = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", run,
-                     "--max_steps", 20, "--log_every", 10, "--batch_size", TRAIN_BATCH, "--resume", previous)
+    result = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", run,
+                     "--max-steps", 20, "--log-every", 10, "--batch-size", TRAIN_BATCH, "--resume", previous)
     assert_one_line_error(result, run / "checkpoints" / ckpt_name(20), "No space left on device")
     assert checkpoint_files(run) == [ckpt_name(10)]  # no temporary file left, nothing replaced
     assert (run / "checkpoints" / ckpt_name(10)).read_bytes() == before
@@ -184,7 +186,8 @@ def test_fake_full_disk_while_writing_samples_leaves_the_previous_samples(shapes
     from PIL import Image
     manifest = data.read_manifest(shapes_data)
     prompts = data.read_metadata(shapes_data / "eval_metadata.jsonl")[:2]
-    sampler = sample.Sampler(manifest, prompts, data.text_encoder_from_manifest(manifest), "cpu",
+    settings = {"cfg_scale": 6.0, "cfg_interval": (0.3, 1.0), "time_shift": 1.0, "sample_weights": "ema"}
+    sampler = sample.Sampler(manifest, prompts, data.text_encoder_from_manifest(manifest), settings, "cpu",
                              images_per_prompt=2)
     out = tmp_path / "samples" / "ckpt"
     sampler.run(trained_run / "checkpoints" / ckpt_name(TRAIN_STEPS), out)
@@ -221,9 +224,9 @@ def test_fake_full_disk_while_writing_samples_leaves_the_previous_samples(shapes
 def start_long_run(shapes_data, run):
     """A run with an endless budget, logging every step; returns once it has logged its first step."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen([sys.executable, "train_dit.py", "--preset", "shapes-cpu", "--data", str(shapes_data),
-                              "--out", str(run), "--batch_size", str(TRAIN_BATCH), "--log_every", "1",
-                              "--budget_seconds", "1e9"],
+    child = subprocess.Popen([sys.executable, "train_dit.py", "--config", "shapes-cpu", "--data", str(shapes_data),
+                              "--out", str(run), "--batch-size", str(TRAIN_BATCH), "--log-every", "1",
+                              "--budget-seconds", "1e9"],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for line in child.stdout:
         if line.startswith("step "):
@@ -253,7 +256,7 @@ def stop_with(sig, shapes_data, run):
     assert name == sig.name and ckpt == resume == str(run / "checkpoints" / ckpt_name(step))
     assert f"step {step} |" in stdout  # the step was finished and logged before the checkpoint
     assert checkpoint_files(run) == [ckpt_name(step)]
-    state = train_dit.load_checkpoint(ckpt)
+    state = model.load_checkpoint(ckpt)
     assert state["step"] == step and state["loader_position"] == step * TRAIN_BATCH
     return step, ckpt
 
@@ -301,20 +304,20 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     root, poisoned_steps = poisoned_data
     assert poisoned_steps[0] == 5
     run = tmp_path / "run"
-    result = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", root, "--out", run, "--max_steps", 12,
-                     "--batch_size", TRAIN_BATCH, "--log_every", 4, "--ckpt_every_seconds", "0.0001",
-                     "--text_dropout", 0)
+    result = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", root, "--out", run, "--max-steps", 12,
+                     "--batch-size", TRAIN_BATCH, "--log-every", 4, "--ckpt-every-seconds", "0.0001",
+                     "--text-dropout", 0)
     good = run / "checkpoints" / ckpt_name(4)
     assert_one_line_error(result, "step 5: loss nan", "not finite", f"last good checkpoint: {good}")
     assert checkpoint_files(run) == [ckpt_name(4)]  # the interval holding step 5 wrote none
-    assert all(torch.isfinite(t).all() for t in train_dit.load_checkpoint(good)["model"].values())
+    assert all(torch.isfinite(t).all() for t in model.load_checkpoint(good)["model"].values())
     assert "error: step 5: loss nan" in (run / "log.txt").read_text()
 
 
 def test_skip_nonfinite_skips_the_update_of_exactly_the_nonfinite_steps(poisoned_data, tmp_path):
     root, poisoned_steps = poisoned_data
-    run = train(root, tmp_path / "run", 0, "--skip_nonfinite", "true", "--text_dropout", 0, "--max_steps", 6,
-                "--log_every", 4, "--ckpt_every_seconds", "0.0001")
+    run = train(root, tmp_path / "run", 0, "--skip-nonfinite", "true", "--text-dropout", 0, "--max-steps", 6,
+                "--log-every", 4, "--ckpt-every-seconds", "0.0001")
     log = (run / "log.txt").read_text()
     skipped = [int(s) for s in re.findall(r"^step (\d+): loss nan, gradient norm \S+: update skipped", log, re.M)]
     assert skipped == [s for s in poisoned_steps if s <= 6] == [5, 6]
@@ -322,7 +325,7 @@ def test_skip_nonfinite_skips_the_update_of_exactly_the_nonfinite_steps(poisoned
     assert sorted(losses) == list(range(1, 7))
     assert [s for s in losses if losses[s] == "nan"] == skipped
     # Steps 5 and 6 were skipped whole: weights, EMA and optimizer (its step count too) are step 4's.
-    after = train_dit.load_checkpoint(run / "checkpoints" / ckpt_name(6))
+    after = model.load_checkpoint(run / "checkpoints" / ckpt_name(6))
     assert_same_training_state(load(run / "checkpoints" / ckpt_name(4)), after)
     assert all(torch.isfinite(t).all() for w in ("model", "ema") for t in after[w].values())
 
@@ -330,8 +333,8 @@ def test_skip_nonfinite_skips_the_update_of_exactly_the_nonfinite_steps(poisoned
 def test_weights_blown_up_by_an_update_are_never_checkpointed(shapes_data, tmp_path):
     """lr 1e39 turns finite gradients into infinite float32 weights at step 1; the step-1 checkpoint is refused."""
     run = tmp_path / "run"
-    result = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", run, "--max_steps", 1,
-                     "--batch_size", TRAIN_BATCH, "--lr", "1e39", "--lr_warmup_steps", 0)
+    result = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", run, "--max-steps", 1,
+                     "--batch-size", TRAIN_BATCH, "--lr", "1e39", "--lr-warmup-steps", 0)
     assert_one_line_error(result, "step 1: the weights are not finite", "none written yet")
     assert checkpoint_files(run) == []
 
@@ -377,8 +380,8 @@ def test_fast_check_misses_a_byte_between_windows_which_verify_full_and_the_trai
     flip_byte(shard, (data.WINDOW_BYTES + second_window) // 2)  # between the first two windows
     data.verify_files(data_copy, data.read_manifest(data_copy), full=False)  # the documented blind spot
     last = assert_one_line_error(run_cli("data.py", "verify", data_copy, "--full"), shard, "sha256 mismatch")
-    trained = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", data_copy, "--out", tmp_path / "run",
-                      "--max_steps", 1, "--batch_size", TRAIN_BATCH, "--verify_full", "true")
+    trained = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", data_copy, "--out", tmp_path / "run",
+                      "--max-steps", 1, "--batch-size", TRAIN_BATCH, "--verify-full", "true")
     assert assert_one_line_error(trained, shard) == last
 
 
@@ -490,7 +493,7 @@ def test_fuzz_manifest_errors_name_the_file_and_field(manifest_playground, shape
         loader.close()
 
 
-FLAGS = ["--" + f.name for f in dataclasses.fields(train_dit.Hyperparameters)] + ["--preset"]
+FLAGS = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(train_dit.Hyperparameters)] + ["--config"]
 flag_value = st.one_of(st.sampled_from(["0", "-1", "1", "1e400", "nan", "-inf", "true", "yes", "tiny", "XL",
                                         "shapes-cpu", "", "0.5", "1.5", "image", "uniform", "2147483648"]),
                        st.integers(-10, 10 ** 12).map(str), st.floats().map(str), st.text(max_size=10))
@@ -502,14 +505,14 @@ def test_fuzz_cli_overrides_give_valid_hyperparameters_or_an_argparse_error_nami
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            hp = train_dit.parse_args(argv)
+            hp, _ = train_dit.parse_args(argv)
     except SystemExit as e:
         if e.code == 0:  # help was asked for, maybe by an abbreviation
             assert any(len(a) > 2 and "--help".startswith(a) or a == "-h" for a in argv), argv
             return
         error = re.search(r"^\S+: error: (.*)", stderr.getvalue(), re.M | re.S)  # values may hold line breaks
         assert e.code == 2 and error, stderr.getvalue()
-        assert re.match(r"argument --\w+: |unrecognized arguments: |ambiguous option: ", error.group(1)), error.group(1)
+        assert re.match(r"argument --[\w-]+: |unrecognized arguments: |ambiguous option: ", error.group(1)), error.group(1)
         return
     for f in dataclasses.fields(train_dit.Hyperparameters):
         value = getattr(hp, f.name)
@@ -518,18 +521,20 @@ def test_fuzz_cli_overrides_give_valid_hyperparameters_or_an_argparse_error_nami
         assert getattr(hp, name) in choices
     for names, _, holds in train_dit.RANGES:
         assert all(holds(getattr(hp, name)) for name in names)
-    assert hp.model in train_dit.dit.PRESETS and hp.batch_size >= 1 and hp.log_every >= 1
+    assert hp.hidden % hp.heads == 0 and hp.batch_size >= 1 and hp.log_every >= 1
 
 
 @pytest.mark.parametrize("argv,mentions", [
-    (["--log_every", "0"], "argument --log_every: must be > 0, got 0"),
+    (["--log-every", "0"], "argument --log-every: must be > 0, got 0"),
     (["--lr", "nan"], "argument --lr: must be >= 0, got nan"),
     (["--compile", "yes"], "argument --compile: expected true, false, 1 or 0, got 'yes'"),
-    (["--model", "XXL"], "argument --model: invalid choice: 'XXL'"),
+    (["--prediction", "noise"], "argument --prediction: invalid choice: 'noise'"),
+    (["--heads", "5"], "argument --heads: 5 does not divide --hidden 128"),
+    (["--cfg-interval", "0.8", "0.2"], "argument --cfg-interval: must be two times 0 <= lo <= hi <= 1, got (0.8, 0.2)"),
     (["--beta2", "1"], "argument --beta2: must be in [0, 1), got 1.0"),
 ])
 def test_bad_flag_values_are_refused_naming_the_flag(argv, mentions, capsys):
     with pytest.raises(SystemExit) as exit:
-        train_dit.parse_args(["--preset", "shapes-cpu", *argv])
+        train_dit.parse_args(["--config", "shapes-cpu", *argv])
     assert exit.value.code == 2
     assert mentions in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,4 +1,5 @@
 """sample.py: GenEval's output layout, determinism, and exactly NFE = 100 evaluations per image."""
+import hashlib
 import json
 
 import numpy as np
@@ -8,8 +9,9 @@ from PIL import Image
 
 import data
 import evaluate
+import model
 import sample
-from conftest import TRAIN_STEPS, run_cli
+from conftest import REPO, TRAIN_STEPS, run_cli
 
 IMAGES_PER_PROMPT = 2
 
@@ -55,6 +57,7 @@ def test_sampler_writes_geneval_layout(samples, prompts_file):
     info = json.loads((samples / "sampling.json").read_text())
     assert info["nfe"] == sample.NFE == 100
     assert info["step"] == TRAIN_STEPS
+    assert info["sample_py_sha256"] == hashlib.sha256((REPO / "sample.py").read_bytes()).hexdigest()
     assert len(evaluate.read_sample_folder(samples)) == 3  # the scorer reads it back
 
 
@@ -78,9 +81,13 @@ class CountingForward:
         return self.forward(x, t, tokens, pooled, drop)
 
 
-def make_sampler(shapes_data, prompts, **kwargs):
+SETTINGS = {"cfg_scale": 6.0, "cfg_interval": (0.3, 1.0), "time_shift": 1.0, "sample_weights": "ema"}
+
+
+def make_sampler(shapes_data, prompts, cfg_interval=(0.3, 1.0), **kwargs):
     manifest = data.read_manifest(shapes_data)
-    return sample.Sampler(manifest, prompts, data.text_encoder_from_manifest(manifest), "cpu", **kwargs)
+    return sample.Sampler(manifest, prompts, data.text_encoder_from_manifest(manifest),
+                          {**SETTINGS, "cfg_interval": cfg_interval}, "cpu", **kwargs)
 
 
 def test_sampler_takes_exactly_nfe_evaluations_per_image(shapes_data, checkpoint):
@@ -113,3 +120,15 @@ def test_sampler_noise_depends_on_seed_prompt_and_index(shapes_data, checkpoint)
         sampler.load(checkpoint)
         by_seed.append(sampler.images()[0, 0])
     assert not np.array_equal(*by_seed)
+
+
+def test_the_sampler_settings_are_the_runs_recipe_and_a_flag_overrides_one(checkpoint, prompts_file, tmp_path):
+    recipe = model.load_checkpoint(checkpoint)["hparams"]
+    info = json.loads((run_sampler(checkpoint, prompts_file, tmp_path / "recipe") / "sampling.json").read_text())
+    assert (info["cfg_scale"], info["cfg_interval"], info["time_shift"], info["weights"]) == (
+        recipe["cfg_scale"], list(recipe["cfg_interval"]), recipe["time_shift"], recipe["sample_weights"])
+    result = run_cli("sample.py", checkpoint, "--out", tmp_path / "flag", "--prompts", prompts_file,
+                     "--images-per-prompt", 1, "--cfg-scale", 2.5, "--weights", "model")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((tmp_path / "flag" / "sampling.json").read_text())
+    assert (info["cfg_scale"], info["weights"], info["time_shift"]) == (2.5, "model", recipe["time_shift"])

@@ -1,7 +1,6 @@
 """Muon, QK-norm, the residual stream's dtype, the benchmark modes, synthetic shards, and the sampler's time grid and CFG interval."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,6 +10,8 @@ import sample
 import train_dit
 from conftest import REPO, TRAIN_STEPS, logged_losses, run_cli, train
 from test_reliability import assert_same_training_state, load, poisoned_data  # noqa: F401 (a fixture)
+
+TINY = dict(hidden=128, depth=4, heads=4)  # the shapes-cpu config's model
 
 
 # -----------------------------------------------------------------------------
@@ -34,7 +35,7 @@ def test_orthogonalize_brings_every_singular_value_near_one(rows, cols, scale):
 
 
 def test_muon_with_qk_norm_resumes_bit_exactly(shapes_data, trained_run, tmp_path):
-    flags = ("--optimizer", "muon", "--qk_norm", "true", "--text_blocks", "1", "--ckpt_every_seconds", "0.0001")
+    flags = ("--optimizer", "muon", "--qk-norm", "true", "--text-blocks", "1", "--ckpt-every-seconds", "0.0001")
     full = train(shapes_data, tmp_path / "full", 0, *flags)
     half = full / "checkpoints" / f"ckpt_{TRAIN_STEPS // 2:07d}.pt"
     ckpt = load(half)
@@ -53,8 +54,8 @@ def test_muon_with_qk_norm_resumes_bit_exactly(shapes_data, trained_run, tmp_pat
 
 def test_muon_skips_a_nonfinite_step_whole(poisoned_data, tmp_path):
     root, poisoned_steps = poisoned_data
-    run = train(root, tmp_path / "run", 0, "--optimizer", "muon", "--skip_nonfinite", "true", "--text_dropout", 0,
-                "--max_steps", 6, "--log_every", 4, "--ckpt_every_seconds", "0.0001")
+    run = train(root, tmp_path / "run", 0, "--optimizer", "muon", "--skip-nonfinite", "true", "--text-dropout", 0,
+                "--max-steps", 6, "--log-every", 4, "--ckpt-every-seconds", "0.0001")
     assert [s for s in poisoned_steps if s <= 6] == [5, 6]
     before, after = load(run / "checkpoints" / "ckpt_0000004.pt"), load(run / "checkpoints" / "ckpt_0000006.pt")
     assert_same_training_state(before, after)  # Muon's momentum and the weights included
@@ -114,28 +115,28 @@ def test_synthetic_shards_have_the_track_shapes_and_are_built_once(tmp_path):
 
 def test_train_bench_times_the_step_and_writes_no_checkpoint(tmp_path):
     out = tmp_path / "bench"
-    result = run_cli(REPO / "train_dit.py", "--bench", "shapes", "--model", "tiny", "--patch_size", 8, "--batch_size", 8,
-                     "--bench_steps", 2, "--out", out, cwd=tmp_path)
+    result = run_cli(REPO / "train_dit.py", "--config", "shapes-cpu", "--bench", "train", "--batch-size", 8,
+                     "--bench-steps", 2, "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "bench.jsonl").read_text().splitlines()[-1])
-    assert report["model"] == "tiny/8" and report["latent"] == [3, 64, 64] and report["text_tokens"] == 16
-    assert report["img_per_s"] == pytest.approx(8 / (report["ms_per_step"] / 1e3))
-    cfg = dit.DiTConfig(patch_size=8, **dit.PRESETS["tiny"])
+    assert report["model"] == "128x4/8" and report["latent"] == [3, 64, 64] and report["text_tokens"] == 16
+    assert report["ms_per_step"] > 0 and report["batch"] == 8
+    cfg = dit.DiTConfig(patch_size=8, **TINY)
     assert report["gflop_per_image"] == pytest.approx(dit.flops_per_image(cfg) / 1e9)
     assert report["params"] == dit.param_count(dit.DiT(cfg))
-    assert "bench | tiny/8 shapes 3x64x64 + 16 text tokens | batch 8 on 1 rank(s)" in result.stdout
+    assert "bench train | 128x4/8 shapes 3x64x64 + 16 text tokens | batch 8 on 1 rank(s)" in result.stdout
     log = (out / "log.txt").read_text()
-    assert "==================== train_dit.py" in log and "bench | tiny/8" in log
+    assert "==================== train_dit.py" in log and "bench train | 128x4/8" in log
     assert not (out / "checkpoints").exists()
 
 
-def test_sample_bench_counts_the_forward_passes_of_interval_cfg():
-    result = run_cli("sample.py", "--bench", "shapes", "--model", "tiny", "--patch-size", 8, "--batch-size", 1,
-                     "--cfg-interval", 0.1, 0.75)
+def test_sample_bench_counts_the_forward_passes_of_interval_cfg(tmp_path):
+    result = run_cli(REPO / "train_dit.py", "--config", "shapes-cpu", "--bench", "sample", "--batch-size", 1,
+                     "--cfg-interval", 0.1, 0.75, "--out", tmp_path / "bench", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    full, interval = result.stdout.strip().splitlines()
-    assert "100 guided steps, 200 forward passes per image (0% fewer FLOPs" in full
-    assert "66 guided steps, 166 forward passes per image (17% fewer FLOPs" in interval
+    full, interval = [line for line in result.stdout.splitlines() if line.startswith("bench sample")]
+    assert "cfg interval [0.0, 1.0]: 200 forward passes per image" in full
+    assert "cfg interval [0.1, 0.75]: 166 forward passes per image" in interval
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def test_time_grid_runs_from_one_to_zero_and_the_shift_moves_steps_to_high_noise
 
 def test_unguided_steps_evaluate_the_conditional_branch_alone():
     torch.manual_seed(0)
-    cfg = dit.DiTConfig(input_size=8, patch_size=4, text_len=4, text_dim=8, pooled_dim=8, **dit.PRESETS["tiny"])
+    cfg = dit.DiTConfig(input_size=8, patch_size=4, text_len=4, text_dim=8, pooled_dim=8, **TINY)
     net = dit.DiT(cfg).eval()
     for p in net.parameters():  # DiT's zero init makes every output 0: give the blocks something to say
         p.data += 0.05 * torch.randn_like(p)

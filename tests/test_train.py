@@ -1,6 +1,9 @@
 """train_dit.py: determinism, resume, and what the run's log records."""
+import dataclasses
 import platform
 import re
+
+import pytest
 
 import torch
 
@@ -35,22 +38,22 @@ def test_resume_from_a_checkpoint_continues_the_same_run(shapes_data, trained_ru
 
 def test_log_holds_the_code_environment_and_data_order_hash(trained_run):
     log = (trained_run / "log.txt").read_text()
-    for name in ("train_dit.py", "model.py", "data.py"):
+    for name in ("train_dit.py", "model.py", "data.py", "sample.py"):
         assert f"==================== {name}\n" + (REPO / name).read_text() in log, f"{name} source not in log"
     environment = log.split("==================== environment\n", 1)[1].split("====================", 1)[0]
     assert f"python {platform.python_version()}" in environment
     assert f"torch {torch.__version__}" in environment
     hashes = re.findall(r"data_order_hash=(\w+)", log)
     assert hashes == [data.order_hash(N_TRAIN, 0)]
-    # check-record reads the sections back whole, though train_dit.py holds the header's format string too
-    import evaluate
-    sections = evaluate.log_sections(log)
-    assert list(sections)[:5] == ["train_dit.py", "model.py", "data.py", "environment", "hyperparameters"]
-    assert all(sections[name].rstrip("\n") == (REPO / name).read_text().rstrip("\n") for name in list(sections)[:3])
+    # record.py reads the sections back whole, though train_dit.py holds the header's format string too
+    import record
+    sections = record.log_sections(log)
+    assert list(sections)[:6] == ["train_dit.py", "model.py", "data.py", "sample.py", "environment", "hyperparameters"]
+    assert all(sections[name].rstrip("\n") == (REPO / name).read_text().rstrip("\n") for name in list(sections)[:4])
 
 
 def test_checkpoint_records_the_run(trained_run, shapes_data):
-    from train_dit import load_checkpoint
+    from model import load_checkpoint
     ckpt = load_checkpoint(trained_run / "checkpoints" / f"ckpt_{TRAIN_STEPS:07d}.pt")
     assert ckpt["step"] == TRAIN_STEPS
     assert ckpt["loader_position"] == TRAIN_STEPS * ckpt["hparams"]["batch_size"]
@@ -61,33 +64,38 @@ def test_checkpoint_records_the_run(trained_run, shapes_data):
 
 def test_lr_warms_up_over_steps_then_cools_down_to_zero_at_the_end_of_the_budget():
     from train_dit import Hyperparameters, lr_scale
-    hp = Hyperparameters(lr_warmup_steps=10, budget_seconds=100.0)
+    hp = Hyperparameters(lr_warmup_steps=10, budget_seconds=100.0, lr_cooldown=0.0)
     assert [lr_scale(hp, s, 0.0) for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
-    assert lr_scale(hp, 1000, 99.0) == 1.0  # no cooldown by default
-    hp.lr_cooldown = 0.4  # the last 40 s
+    assert lr_scale(hp, 1000, 99.0) == 1.0  # no cooldown
+    hp = dataclasses.replace(hp, lr_cooldown=0.4)  # the last 40 s
     assert [lr_scale(hp, 1000, t) for t in (0.0, 60.0, 80.0, 90.0, 100.0, 130.0)] == [1.0, 1.0, 0.5, 0.25, 0.0, 0.0]
     assert lr_scale(hp, 4, 80.0) == 0.25  # warm-up and cooldown multiply
 
 
-def test_cooldown_run_ends_with_the_lr_at_zero(shapes_data, tmp_path):
-    from train_dit import load_checkpoint
-    run = train(shapes_data, tmp_path / "cool", 0, "--budget_seconds", 3, "--max_steps", 0, "--lr_cooldown", 1,
-                "--log_every", 1)
-    last = sorted((run / "checkpoints").glob("*.pt"))[-1]
-    ckpt = load_checkpoint(last)
-    groups = [g for opt in ckpt["optimizer"] for g in opt["param_groups"]]
-    assert ckpt["train_seconds"] >= 3 and ckpt["step"] > 1
-    # the last step ran with the lr of the clock read before it: close to the end, so a small fraction of peak
-    assert all(0 <= g["lr"] < 0.5 * g["peak_lr"] for g in groups), [(g["lr"], g["peak_lr"]) for g in groups]
+def test_cooldown_run_sets_each_steps_lr_from_the_clock_read_before_it(shapes_data, tmp_path):
+    from model import load_checkpoint
+    from train_dit import Hyperparameters, lr_scale
+    run = train(shapes_data, tmp_path / "cool", 0, "--budget-seconds", 3, "--max-steps", 0, "--lr-cooldown", 1,
+                "--log-every", 1, "--lr-warmup-steps", 1)
+    ckpt = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
+    clock = {int(s): float(t) for s, t in re.findall(r"^step (\d+) \| train (\S+) s", (run / "log.txt").read_text(), re.M)}
+    last = ckpt["step"]
+    assert ckpt["train_seconds"] >= 3 and last > 1 and clock[last] == pytest.approx(ckpt["train_seconds"], abs=0.05)
+    # the last step (index last - 1) ran with the lr of the clock logged after the step before it
+    hp = Hyperparameters(**{**ckpt["hparams"], "cfg_interval": tuple(ckpt["hparams"]["cfg_interval"])})
+    expected = lr_scale(hp, last - 1, clock[last - 1])
+    assert 0 < expected < 1
+    for group in (g for opt in ckpt["optimizer"] for g in opt["param_groups"]):  # the log's clock has 1 ms steps
+        assert group["lr"] == pytest.approx(group["peak_lr"] * expected, abs=group["peak_lr"] * 0.0005 / 3)
 
 
 def test_vanilla_preset_trains_with_plain_ema(shapes_data, tmp_path):
     # shapes-vanilla on the CPU: DiT's recipe, EMA 0.9999 from the first step (no warm-up)
-    from train_dit import load_checkpoint
+    from model import load_checkpoint
 
     run = tmp_path / "vanilla"
-    result = run_cli("train_dit.py", "--preset", "shapes-vanilla", "--data", shapes_data, "--out", run,
-                     "--model", "tiny", "--batch_size", 8, "--max_steps", 3, "--log_every", 1)
+    result = run_cli("train_dit.py", "--config", "shapes-vanilla", "--data", shapes_data, "--out", run,
+                     "--hidden", 128, "--depth", 2, "--heads", 4, "--batch-size", 8, "--max-steps", 3, "--log-every", 1)
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
     hp = ckpt["hparams"]
@@ -102,13 +110,13 @@ def test_vanilla_preset_trains_with_plain_ema(shapes_data, tmp_path):
     assert plain < 1e-3, plain
 
 
-def test_depth_flag_overrides_the_model_presets_block_count(shapes_data, tmp_path):
-    from train_dit import load_checkpoint
+def test_a_flag_overrides_one_field_of_the_config(shapes_data, tmp_path):
+    from model import load_checkpoint
 
-    run = train(shapes_data, tmp_path / "d2", 0, "--depth", 2, "--max_steps", 1)  # tiny has 4 blocks
+    run = train(shapes_data, tmp_path / "d2", 0, "--depth", 2, "--max-steps", 1)  # shapes-cpu has 4 blocks
     ckpt = load_checkpoint(sorted((run / "checkpoints").glob("*.pt"))[-1])
     blocks = {k.split(".")[1] for k in ckpt["model"] if k.startswith("blocks.")}
     assert ckpt["model_config"]["depth"] == 2 and blocks == {"0", "1"}
-    assert ckpt["model_config"]["hidden"] == 128  # the rest of the tiny preset stays
-    bad = run_cli("train_dit.py", "--preset", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "bad", "--depth", -1)
-    assert bad.returncode != 0 and "--depth: must be >= 0, got -1" in bad.stderr
+    assert ckpt["model_config"]["hidden"] == 128 and ckpt["hparams"]["lr"] == 1e-3  # the rest of shapes-cpu stays
+    bad = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "bad", "--depth", -1)
+    assert bad.returncode != 0 and "--depth: must be > 0, got -1" in bad.stderr

@@ -1,0 +1,551 @@
+"""record.py: the records machinery: pack n runs into a record folder, check one, and the statistics.
+
+    python record.py build runs/rec/seed* --name MyIdea          # -> records/<track>/<date>_MyIdea/
+    python record.py check records/shapes/2026-11-24_ShapesSixBlocks200
+    python record.py check records/shapes/<record> --samples runs/rec   # also the detector, on the exact images
+
+A record is the earliest checkpoint mark at which n >= 5 runs of one recipe beat the track's target
+in a one-sided t-test at p < 0.01, with checkpoints close enough together for that claim (README.md,
+"Records"). A record folder holds, per run, the log (the code, the environment, every step's loss and
+clock), the curve, and per image of the claimed checkpoint its sha256 and the detector's raw output;
+no images (a Shapes run's 480 noisy 64x64 images take 2.9 MB even losslessly compressed). `check`
+recomputes everything from that evidence: the rules on the stored detections, the statistics, each
+curve against its log, the README's generated numbers, and that no two runs are one; with --samples
+it also hashes the exact images and runs the detector on them.
+"""
+import argparse
+import datetime
+import gzip
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import data
+import evaluate
+import sample
+from data import UserError
+
+FORMAT = 2  # 1: the records of 2026-11-24 (samples.npz, logs without sample.py)
+
+# -----------------------------------------------------------------------------
+# The rules of a record
+
+TARGETS = {"shapes": 0.90}  # overall score a record must reach
+# Checkpoint cadence (README): up to the claimed mark, checkpoints at most 5% of its time apart, never required
+# closer than the floor, plus the lateness of a checkpoint that lands at the first clock check after its mark.
+CHECKPOINT_GAP_FRACTION = 0.05
+CHECKPOINT_GAP_FLOOR = {"shapes": 5.0, "imagenet": 600.0}  # training seconds
+CHECKPOINT_LATENESS = {"shapes": 2.0, "imagenet": 60.0}  # training seconds
+BACKENDS = {"shapes": "shapes", "imagenet": "mask2former"}  # the detector each track's records are scored with
+METRIC_NAMES = {"shapes": "GenEval-Shapes", "imagenet": "GenEval (geneval-m2f)"}
+RUN_KEYS = ("seed", "out", "resume", "wandb")  # hyperparameters that may differ between the runs of one recipe
+SAMPLER_KEYS = ("nfe", "sampler", "cfg_scale", "cfg_interval", "time_shift", "weights", "seed", "images_per_prompt")
+MIN_RUNS, MAX_P = 5, 0.01
+CODE_SECTIONS = ("train_dit.py", "model.py", "data.py", "sample.py")
+LOG_SECTIONS = (*CODE_SECTIONS, "environment", "hyperparameters")
+
+
+def max_checkpoint_gap(track, claimed_seconds):
+    """The largest gap between consecutive checkpoints a record may have (training seconds)."""
+    return (max(CHECKPOINT_GAP_FLOOR[track], CHECKPOINT_GAP_FRACTION * claimed_seconds)
+            + CHECKPOINT_LATENESS[track])
+
+
+def time_to_target(points, target):
+    """Training seconds of the first checkpoint whose overall score reaches the target (None: never)."""
+    return next((p["train_seconds"] for p in points if p["overall"] >= target), None)
+
+
+def p_value_above(scores, target):
+    """One-sided one-sample t-test, H1: the mean score is above the target."""
+    scores = np.asarray(scores, np.float64)
+    if scores.std() == 0:  # the t statistic is undefined; the evidence is all-or-nothing
+        return 0.0 if scores[0] > target else 1.0
+    from scipy import stats
+    return float(stats.ttest_1samp(scores, target, alternative="greater").pvalue)
+
+
+def largest_gap(points, k):
+    """The largest gap between consecutive checkpoints of a run, from the start to its k-th (training seconds)."""
+    seconds = [0.0] + [p["train_seconds"] for p in points[:k + 1]]
+    return max(b - a for a, b in zip(seconds, seconds[1:]))
+
+
+def too_coarse(curves, k, seconds, track):
+    """{run index: largest checkpoint gap up to mark k} of the runs whose cadence is too coarse for a claim at
+    `seconds`, and the gap that such a claim allows."""
+    allowed = max_checkpoint_gap(track, seconds)
+    return {i: gap for i, points in enumerate(curves) if (gap := largest_gap(points, k)) > allowed}, allowed
+
+
+def mark_evidence(curves, k, target):
+    """The runs' scores at the k-th checkpoint mark, the p-value of their test, and the mark's mean time."""
+    scores = [points[k]["overall"] for points in curves]
+    return scores, p_value_above(scores, target), float(np.mean([points[k]["train_seconds"] for points in curves]))
+
+
+def record_statistics(curves, target, track):
+    """Time-to-target per run, and the claim: the earliest checkpoint mark whose scores beat the target at
+    p < MAX_P and up to which every run's checkpoints keep the cadence for that claim (a cadence too coarse
+    for a mark defers the claim to a later mark, never to an earlier one)."""
+    ttt = [time_to_target(points, target) for points in curves]
+    reached = [t for t in ttt if t is not None]
+    stats = {"target": target, "n": len(curves), "time_to_target": ttt,
+             "time_to_target_mean": float(np.mean(reached)) if reached else None,
+             "time_to_target_std": float(np.std(reached, ddof=1)) if len(reached) > 1 else None,
+             "claimed_checkpoint": None, "claimed_seconds": None, "scores_at_claim": None, "p_value": None}
+    for k in range(min(len(points) for points in curves)):
+        scores, p, seconds = mark_evidence(curves, k, target)
+        if p < MAX_P and not too_coarse(curves, k, seconds, track)[0]:
+            stats.update(claimed_checkpoint=k, scores_at_claim=scores, p_value=p, claimed_seconds=seconds)
+            break
+    return stats
+
+
+def shapes_eval_set_problem(prompts, seed):
+    """Why `prompts` are not a fair Shapes evaluation set (None when they are): every tag, each with its
+    first m prompts of the evaluation list of the dataset's seed, m the same for all tags. A subset that
+    drops a hard tag, or picks its prompts, would raise the overall score."""
+    counts = {tag: sum(p["tag"] == tag for p in prompts) for tag in data.TAGS}
+    if 0 in counts.values() or len(set(counts.values())) > 1 or len(prompts) != sum(counts.values()):
+        return f"prompts per tag {counts}: a record scores the same number of prompts of every tag"
+    official = sample.select_prompts(data.shapes_eval_prompts(seed), counts[data.TAGS[0]])
+    if json.loads(json.dumps(prompts)) != json.loads(json.dumps(official)):
+        return (f"the prompts are not the first {counts[data.TAGS[0]]} of each tag of the evaluation list "
+                f"(dataset seed {seed})")
+    return None
+
+
+# -----------------------------------------------------------------------------
+# A run's log: the sections train_dit.py writes, and its clock, checkpoint and loss lines
+
+
+def read_log(run_dir):
+    """A run's log text: log.txt.gz in a record, log.txt in a run folder."""
+    run_dir = Path(run_dir)
+    packed = run_dir / "log.txt.gz"
+    return gzip.decompress(packed.read_bytes()).decode() if packed.exists() else (run_dir / "log.txt").read_text()
+
+
+def log_sections(text):
+    """{section name: body} of a train_dit.py log, split on its `==================== name` header lines
+    (whole lines only: the embedded train_dit.py holds the header's format string too)."""
+    parts = re.split(r"^==================== (.*)\n", text, flags=re.M)[1:]
+    return {name.strip(): body for name, body in zip(parts[::2], parts[1::2])}
+
+
+def log_hyperparameters(sections):
+    """The run's Hyperparameters as a dict: the JSON that opens the hyperparameters section of log_sections()."""
+    return json.JSONDecoder().raw_decode(sections.get("hyperparameters", "").strip())[0]
+
+
+def log_lines(text):
+    """What a run's log says after its header sections: {step: training seconds} of its clock lines, {step:
+    training seconds} of its checkpoint lines, {step: loss} of its loss lines, its parameter count and GPU."""
+    clock = {int(s): float(t) for s, t in re.findall(r"^step (\d+) \| train (\S+) s \|", text, re.M)}
+    checkpoints = {int(s): float(t) for t, s in re.findall(r"^checkpoint \S+ at (\S+) s, step (\d+)$", text, re.M)}
+    losses = {int(s): v for s, v in re.findall(r"^step (\d+) loss (\S+)$", text, re.M)}
+    params = re.findall(r"^params: ([\d,]+)", text, re.M)
+    gpu = re.findall(r"^gpu: (.*?)  cuda", text, re.M)
+    return {"clock": clock, "checkpoints": checkpoints, "losses": losses,
+            "params": int(params[0].replace(",", "")) if params else None, "hardware": gpu[0] if gpu else "cpu"}
+
+
+def decimals(text_number):
+    """The precision a logged number was printed with: half its last digit's unit."""
+    return 0.5 * 10 ** -len(text_number.split(".")[1]) if "." in text_number else 0.5
+
+
+# -----------------------------------------------------------------------------
+# The samples of a claimed checkpoint: per image its hash and the detector's raw output
+
+
+def image_sha256(image):
+    """sha256 of an image's pixels (height, width, RGB bytes): independent of how the PNG was compressed."""
+    image = np.ascontiguousarray(image, np.uint8)
+    return hashlib.sha256(f"{image.shape}".encode() + image.tobytes()).hexdigest()
+
+
+def sample_source(path):
+    """(prompts, {(prompt index, image index): image}) of a GenEval-layout folder or a format-1 samples.npz."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        packed = np.load(path)
+        images = packed["images"]  # read once: every packed[...] lookup decompresses the whole array again
+        return json.loads(str(packed["prompts"])), {(i, j): images[i, j] for i in range(len(images))
+                                                     for j in range(images.shape[1])}
+    entries = evaluate.read_sample_folder(path)
+    return [m for _, m, _ in entries], {(i, j): evaluate.read_image(p) for i, (_, _, paths) in enumerate(entries)
+                                        for j, p in enumerate(paths)}
+
+
+def pack_samples(source, path, backend, options=None):
+    """samples.jsonl.gz: a header line with the prompts, then one line per image with its sha256 and the detector's
+    raw output (evaluate.stored_detections); returns the scores those give."""
+    prompts, images = sample_source(source)
+    keys = sorted(images)
+    rows = evaluate.score_images(((prompts[i], f"{i:05d}/{j:04d}", images[i, j]) for i, j in keys), backend,
+                                 options=options)
+    lines = [json.dumps({"prompts": prompts, "backend": backend, "images": len(keys)})]
+    lines += [json.dumps({"prompt": i, "image": j, "sha256": image_sha256(images[i, j]), "detections": row["detections"]})
+              for (i, j), row in zip(keys, rows)]
+    data.atomic_write(path, lambda f: f.write(gzip.compress(("\n".join(lines) + "\n").encode(), 9, mtime=0)))
+    return evaluate.summarize(rows)
+
+
+def read_packed(path):
+    """(header, rows) of a samples.jsonl.gz."""
+    lines = gzip.decompress(Path(path).read_bytes()).decode().splitlines()
+    return json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
+
+
+def rescore_packed(header, rows):
+    """The scores GenEval's rules give on the stored detections (no detector runs)."""
+    prompts = header["prompts"]
+    verdicts = [{"tag": prompts[r["prompt"]]["tag"], "correct": evaluate.judge_stored(r["detections"], prompts[r["prompt"]])}
+                for r in rows]
+    return evaluate.summarize(verdicts)
+
+
+def samples_problems(packed, source, backend):
+    """Where the exact images at `source` differ from a record's packed samples: hashes, then the detector."""
+    header, rows = read_packed(packed)
+    try:
+        prompts, images = sample_source(source)
+    except (UserError, OSError, ValueError, KeyError) as e:
+        return [f"{source}: unreadable samples ({e})"]
+    if prompts != header["prompts"] or sorted(images) != [(r["prompt"], r["image"]) for r in rows]:
+        return [f"{source}: other prompts or images than {packed}"]
+    problems = [f"{source}: image {r['prompt']:05d}/{r['image']:04d} has another sha256 than {packed} records"
+                for r in rows if image_sha256(images[r["prompt"], r["image"]]) != r["sha256"]]
+    detected = evaluate.score_images(((prompts[r["prompt"]], "", images[r["prompt"], r["image"]]) for r in rows), backend)
+    problems += [f"{source}: image {r['prompt']:05d}/{r['image']:04d}: the detector gives {d['detections']}, {packed} "
+                 f"records {r['detections']}" for r, d in zip(rows, detected) if d["detections"] != r["detections"]]
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# The README's numbers: generated from record.json, checked against it
+
+
+GENERATED = ("<!-- record.py: generated from record.json; do not edit by hand -->", "<!-- end of generated -->")
+
+
+def generated_summary(record, runs):
+    """The README's numbers: the claim, the test, the parameters, the hardware and a table of the runs."""
+    lines = [GENERATED[0],
+             f"**{record['claimed_seconds']:.1f} s** of training clock to {METRIC_NAMES[record['track']]} overall >= {record['target']} "
+             f"on {record['hardware']} (checkpoint mark {record['claimed_checkpoint']} of every run; one-sided t-test "
+             f"over {record['n']} runs, **p = {record['p_value']:.2g}**).", "",
+             f"- first checkpoint at the target per run: mean {record['time_to_target_mean']:.1f} s "
+             f"+- {record['time_to_target_std'] or 0:.1f} s",
+             f"- parameters: {record['params']:,}", f"- hardware: {record['hardware']}",
+             "- evaluation samples: per run, each image's sha256 and detections in run*/samples.jsonl.gz", "",
+             "| run | seed | steps | img/s (images / clock) | first checkpoint at target | score at the claim |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, run, first, score in zip(record["runs"], runs, record["time_to_target"], record["scores_at_claim"]):
+        last = run["curve"][-1]
+        lines.append(f"| {name} | {run['hparams']['seed']} | {last['step']:,} | "
+                     f"{last['images_seen'] / last['train_seconds']:,.0f} | "
+                     f"{'never' if first is None else f'{first:.1f} s'} | {score:.3f} |")
+    return "\n".join(lines + [GENERATED[1]])
+
+
+def readme_problem(readme, expected):
+    """Why a record's README does not hold the generated summary (None when it does)."""
+    if GENERATED[0] not in readme or GENERATED[1] not in readme:
+        return "README.md: no generated summary (record.py build writes it between its two marker lines)"
+    start = readme.index(GENERATED[0])
+    found = readme[start:readme.index(GENERATED[1], start) + len(GENERATED[1])]
+    if found != expected:
+        return "README.md: the generated summary differs from record.json (regenerate it; do not edit it by hand)"
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Build a record
+
+
+def build_record(runs, out, name, track="shapes", target=None, options=None):
+    """Copy n runs' logs and curves into `out`, pack the claimed checkpoint's samples, write record.json and a
+    README whose numbers are generated."""
+    target = TARGETS[track] if target is None else target
+    out = Path(out)
+    curves = [json.loads((Path(r) / "curve.json").read_text()) for r in runs]
+    stats = record_statistics(curves, target, track)
+    if stats["claimed_checkpoint"] is None:
+        raise UserError(f"{runs[0]}: no checkpoint mark beats target {target} at p < {MAX_P} over {len(runs)} runs "
+                        f"with checkpoints at most {CHECKPOINT_GAP_FRACTION:.0%} of its time apart")
+    k = stats["claimed_checkpoint"]
+    names = [f"run{i + 1}" for i in range(len(runs))]
+    logs = [read_log(r) for r in runs]
+    out.mkdir(parents=True, exist_ok=True)
+    for run, run_name, log_text, points in zip(runs, names, logs, curves):
+        (out / run_name).mkdir(exist_ok=True)
+        data.atomic_write(out / run_name / "log.txt.gz", lambda f: f.write(gzip.compress(log_text.encode(), 9, mtime=0)))
+        (out / run_name / "curve.json").write_text(json.dumps(points, indent=1))
+        samples = Path(run) / "samples" / Path(points[k]["checkpoint"]).stem
+        pack_samples(samples, out / run_name / "samples.jsonl.gz", BACKENDS[track], options)
+        if run_name == "run1":
+            first = [evaluate.read_image(paths[0]) for _, _, paths in evaluate.read_sample_folder(samples)]
+            sample.save_grid(first[::max(1, len(first) // 48)][:48], out / "grid.png", columns=8)
+    evaluate.plot_curves(dict(zip(names, curves)), out / "curve.png", target=target, title=f"{name}: {track} track")
+    evidence = [{"curve": c, "hparams": log_hyperparameters(log_sections(t))} for c, t in zip(curves, logs)]
+    record = {"format": FORMAT, "track": track, "name": name, "runs": names, "params": curves[0][0]["params"],
+              "hardware": log_lines(logs[0])["hardware"], **stats}
+    (out / "record.json").write_text(json.dumps(record, indent=1))
+    summary = generated_summary(record, evidence)
+    readme = out / "README.md"
+    if readme.exists() and readme_problem(readme.read_text(), summary) is not None and GENERATED[0] in readme.read_text():
+        text = readme.read_text()
+        start = text.index(GENERATED[0])
+        readme.write_text(text[:start] + summary + text[text.index(GENERATED[1], start) + len(GENERATED[1]):])
+    elif not readme.exists():
+        readme.write_text(
+            f"# {name}\n\n{summary}\n\nWhat changed and why: (describe)\n\n"
+            f"Reproduce (one command per seed, the code the logs embed): (the commands)\n\n"
+            f"Runs of this attempt not in this record, with their scores (README.md, Records: every run\n"
+            f"started for an attempt is part of it): (none, or list them)\n\n"
+            f"The exact images (each run's claimed sample folder): (where they are archived, e.g. a release asset;\n"
+            f"`python record.py check {out} --samples FOLDER` verifies them)\n\n![curve](curve.png)\n")
+    return record
+
+
+# -----------------------------------------------------------------------------
+# Check a record
+
+
+def read_run(folder, run):
+    """A record run's evidence: log text, its parsed sections and lines, hyperparameters, curve, packed samples."""
+    text = read_log(folder / run)
+    sections = log_sections(text)
+    return {"log": text, "sections": sections, "lines": log_lines(text), "curve": json.loads((folder / run / "curve.json").read_text()),
+            "hparams": log_hyperparameters(sections)}
+
+
+def check_record(folder, samples=None):
+    """Every reason the record at `folder` is malformed or inconsistent (empty: it holds). With `samples` (a
+    folder holding runK/ sample folders or runK/samples.npz), the exact images are checked too."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / "record.json").read_text())
+        track, names, target = record["track"], record["runs"], record["target"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{folder / 'record.json'}: unreadable or incomplete ({type(e).__name__}: {e})"]
+    if track not in CHECKPOINT_GAP_FLOOR:
+        return [f"{folder / 'record.json'}: unknown track {track!r} (one of {sorted(CHECKPOINT_GAP_FLOOR)})"]
+    problems = []
+    if target != TARGETS.get(track, target):
+        problems.append(f"record.json: target {target} is not the {track} target {TARGETS[track]}")
+    if len(names) < MIN_RUNS:
+        problems.append(f"record.json: {len(names)} runs; a record needs at least {MIN_RUNS}")
+    runs = []
+    for name in names:
+        try:
+            run = read_run(folder, name)
+            run["hparams"]["seed"]
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            problems.append(f"{folder / name}: unreadable log, hyperparameters or curve ({type(e).__name__}: {e})")
+            continue
+        run["name"] = name
+        problems += run_problems(folder, run, record)
+        runs.append(run)
+    if len(runs) < len(names):
+        return problems
+    problems += recipe_problems(folder, runs, record)
+    if problems:
+        return problems
+    curves = [run["curve"] for run in runs]
+    stats = record_statistics(curves, target, track)
+    for key in ("time_to_target", "time_to_target_mean", "time_to_target_std", "claimed_checkpoint",
+                "claimed_seconds", "scores_at_claim", "p_value"):
+        if not np.allclose(np.array(stats[key], dtype=float), np.array(record.get(key), dtype=float), atol=1e-6,
+                           equal_nan=True):
+            problems.append(f"record.json: {key} is {record.get(key)!r}, the curves give {stats[key]!r}")
+    if stats["claimed_checkpoint"] is None:
+        problems.append(f"{folder}: no checkpoint mark beats {target} at p < {MAX_P} with the cadence it needs")
+        for k in range(min(len(points) for points in curves)):  # why the first mark that beats it is not a claim
+            _, p, seconds = mark_evidence(curves, k, target)
+            if p < MAX_P:
+                gaps, allowed = too_coarse(curves, k, seconds, track)
+                problems.extend(f"{folder / names[i] / 'curve.json'}: checkpoints up to mark {k} at most {allowed:.1f} s "
+                                f"apart for a {seconds:.1f} s claim (largest gap {gap:.1f} s)" for i, gap in gaps.items())
+                break
+        return problems
+    problems += sample_problems(folder, runs, record, stats["claimed_checkpoint"], samples)
+    for name in ("README.md", "curve.png", "grid.png"):
+        if not (folder / name).exists():
+            problems.append(f"{folder / name}: missing")
+    if (folder / "README.md").exists():
+        problem = readme_problem((folder / "README.md").read_text(), generated_summary(record, runs))
+        if problem:
+            problems.append(f"{folder}/{problem}")
+    return problems
+
+
+def run_problems(folder, run, record):
+    """One run's evidence against itself: the log's sections, its clock and checkpoint lines against the curve,
+    the sampler's settings and NFE, the parameter count and hardware against record.json."""
+    problems = []
+    where, curve_path = folder / run["name"] / "log", folder / run["name"] / "curve.json"
+    expected = LOG_SECTIONS if record.get("format", 1) >= 2 else tuple(s for s in LOG_SECTIONS if s != "sample.py")
+    for section in expected:
+        if not run["sections"].get(section, "").strip():
+            problems.append(f"{where}: no '{section}' section (the log must embed the code and environment)")
+    if not re.search(r"data_order_hash=\w+", run["log"]):
+        problems.append(f"{where}: no data_order_hash")
+    lines, points = run["lines"], run["curve"]
+    seconds = [0.0] + [p["train_seconds"] for p in points]
+    if not points or any(b <= a for a, b in zip(seconds, seconds[1:])):
+        problems.append(f"{curve_path}: no checkpoints, or their training seconds do not increase")
+    for i, p in enumerate(points):
+        if p.get("nfe") != 100:
+            problems.append(f"{curve_path}: checkpoint {i} sampled with nfe {p.get('nfe')}, not 100")
+        missing = [key for key in SAMPLER_KEYS if key not in p]
+        if missing:
+            problems.append(f"{curve_path}: checkpoint {i} does not record its sampler settings {missing}")
+        # The curve's clock against the log: the checkpoint line of that step, and the clock line it was read at.
+        step, logged = p.get("step"), lines["checkpoints"].get(p.get("step"))
+        if logged is None or abs(logged - p["train_seconds"]) > 0.05 + 1e-9:
+            problems.append(f"{curve_path}: checkpoint {i} (step {step}) at {p['train_seconds']:.1f} s; the log's "
+                            f"checkpoint line says {'nothing' if logged is None else f'{logged:.1f} s'}")
+        clock = re.search(rf"^step {step} \| train (\S+) s \|", run["log"], re.M)
+        if clock is None or abs(float(clock[1]) - p["train_seconds"]) > decimals(clock[1]) + 1e-6:
+            problems.append(f"{curve_path}: checkpoint {i} (step {step}) at {p['train_seconds']:.3f} s; the log's clock "
+                            f"line of that step says {clock[1] + ' s' if clock else 'nothing'}")
+        if p.get("params") != lines["params"] or p.get("images_seen") != step * run["hparams"].get("batch_size", 0):
+            problems.append(f"{curve_path}: checkpoint {i}: params {p.get('params')} and images {p.get('images_seen')}; "
+                            f"the log gives {lines['params']} parameters and batch {run['hparams'].get('batch_size')}")
+    clock = [lines["clock"][s] for s in sorted(lines["clock"])]
+    if any(b <= a for a, b in zip(clock, clock[1:])):
+        problems.append(f"{where}: its clock lines do not increase")
+    # Each clock line's img/s is the interval's images over its seconds: an edited clock shows in it.
+    logged = re.findall(r"^step (\d+) \| train (\S+) s \| loss \S+ \| (\d+) img/s", run["log"], re.M)
+    for (s0, t0, _), (s1, t1, rate) in zip(logged, logged[1:]):
+        seconds, slack = float(t1) - float(t0), decimals(t0) + decimals(t1)
+        images = (int(s1) - int(s0)) * run["hparams"].get("batch_size", 0)
+        if seconds > 4 * slack and not images / (seconds + slack) - 1 <= int(rate) <= images / (seconds - slack) + 1:
+            problems.append(f"{where}: step {s1} logs {rate} img/s, its clock gives {images / seconds:.0f}")
+            break
+    if lines["params"] != record.get("params"):
+        problems.append(f"record.json: params {record.get('params')}, {where} says {lines['params']}")
+    if lines["hardware"] != record.get("hardware"):
+        problems.append(f"record.json: hardware {record.get('hardware')!r}, {where} says {lines['hardware']!r}")
+    return problems
+
+
+def recipe_problems(folder, runs, record):
+    """The runs together: one code, one recipe but the seed, one data order, one sampler, and no two runs the same."""
+    problems = []
+    for what, values in (("code", [tuple(r["sections"].get(s, "") for s in CODE_SECTIONS) for r in runs]),
+                         ("data order hashes", [tuple(re.findall(r"data_order_hash=(\w+)", r["log"])) for r in runs]),
+                         ("dataset seeds", [tuple(re.findall(r"\(dataset seed (\d+)\)", r["log"])) for r in runs])):
+        if len(set(values)) > 1:
+            problems.append(f"{folder}: the runs' logs give different {what}")
+    seeds = [r["hparams"]["seed"] for r in runs]
+    if len(set(map(str, seeds))) < len(seeds):
+        problems.append(f"{folder}: the runs share a training seed {seeds}; a record's runs use different seeds")
+    recipes = [{k: v for k, v in r["hparams"].items() if k not in RUN_KEYS} for r in runs]
+    differing = sorted(k for k in set().union(*recipes) if len({json.dumps(r.get(k)) for r in recipes}) > 1)
+    if differing:
+        problems.append(f"{folder}: the runs' hyperparameters differ in {differing}; a record is one recipe")
+    samplers = {json.dumps({key: p.get(key) for key in SAMPLER_KEYS}, sort_keys=True) for r in runs for p in r["curve"]}
+    if len(samplers) > 1:  # settings chosen per run or per checkpoint would select on the metric
+        problems.append(f"{folder}: checkpoints sampled with different settings: {' | '.join(sorted(samplers))}")
+    if record.get("format", 1) >= 2:  # the sampler that made the curves is the one the logs embed
+        code = {hashlib.sha256(r["sections"].get("sample.py", "").rstrip("\n").encode() + b"\n").hexdigest() for r in runs}
+        used = {p.get("sample_py_sha256") for r in runs for p in r["curve"]}
+        if len(used) > 1 or used != code:
+            problems.append(f"{folder}: the curves were sampled by sample.py {sorted(map(str, used))}, the logs embed "
+                            f"{sorted(code)}; one sampler code across all runs")
+    for i, a in enumerate(runs):  # a run copied under another seed is one run counted twice
+        for b in runs[i + 1:]:
+            same = [what for what, key in (("loss trace", "losses"), ("clock", "clock")) if a["lines"][key] == b["lines"][key]]
+            if [(p["train_seconds"], p["overall"]) for p in a["curve"]] == [(p["train_seconds"], p["overall"]) for p in b["curve"]]:
+                same.append("curve")
+            if same:
+                problems.append(f"{folder}: {a['name']} and {b['name']} have the same {' and '.join(same)}: one run counted twice")
+    return problems
+
+
+def sample_problems(folder, runs, record, k, samples):
+    """The claimed checkpoint's samples: the rules on the stored detections give each run's curve score, the
+    evaluation set is the track's, no two runs share their images; with `samples`, the exact images match."""
+    problems, eval_sets, hashes = [], set(), []
+    for run in runs:
+        packed = folder / run["name"] / "samples.jsonl.gz"
+        try:
+            header, rows = read_packed(packed)
+            rescored = rescore_packed(header, rows)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError) as e:
+            problems.append(f"{packed}: unreadable ({type(e).__name__}: {e})")
+            continue
+        images_per_prompt = run["curve"][k]["images_per_prompt"]
+        expected = [(i, j) for i in range(len(header["prompts"])) for j in range(images_per_prompt)]
+        if [(r["prompt"], r["image"]) for r in rows] != expected:
+            problems.append(f"{packed}: holds {len(rows)} images, not {images_per_prompt} for each of the "
+                            f"{len(header['prompts'])} prompts")
+        for task, score in rescored.items():
+            if abs(score - run["curve"][k].get(task, -1)) > 1e-9:
+                problems.append(f"{packed}: the rules on its detections give {task} {score:.4f}, curve.json says "
+                                f"{run['curve'][k].get(task)}")
+        eval_sets.add(json.dumps(header["prompts"]))
+        if record["track"] == "shapes":
+            seeds = set(re.findall(r"\(dataset seed (\d+)\)", run["log"]))
+            problem = shapes_eval_set_problem(header["prompts"], int(next(iter(seeds)))) if len(seeds) == 1 else (
+                f"the log gives dataset seeds {sorted(seeds)}, not one")
+            if problem:
+                problems.append(f"{packed}: {problem}")
+        hashes.append({r["sha256"] for r in rows})
+        if samples is not None:
+            source = next((p for p in (Path(samples) / run["name"], Path(samples) / run["name"] / "samples.npz")
+                           if p.is_file() or (p / "00000").is_dir()), Path(samples) / run["name"])
+            problems += samples_problems(packed, source, BACKENDS[record["track"]])
+    if len(eval_sets) > 1:
+        problems.append(f"{folder}: the runs were scored on different prompts")
+    for i in range(len(hashes)):
+        for j in range(i + 1, len(hashes)):
+            if hashes[i] and len(hashes[i] & hashes[j]) > len(hashes[i]) // 2:
+                problems.append(f"{folder}: {runs[i]['name']} and {runs[j]['name']} share {len(hashes[i] & hashes[j])} "
+                                f"of their images: one run counted twice")
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="pack n runs (each with log.txt, curve.json and samples/) into a record folder")
+    b.add_argument("runs", nargs="+")
+    b.add_argument("--name", required=True)
+    b.add_argument("--track", choices=sorted(CHECKPOINT_GAP_FLOOR), default="shapes")
+    b.add_argument("--out", default=None, help="default: records/<track>/<date>_<name>")
+    c = sub.add_parser("check", help="validate a record folder")
+    c.add_argument("folder")
+    c.add_argument("--samples", default=None, help="a folder of the runs' exact claimed images: runK/ in GenEval's "
+                   "layout (or runK/samples.npz); their hashes and detections are checked too")
+    args = p.parse_args(argv)
+    if args.command == "build":
+        out = args.out or f"records/{args.track}/{datetime.date.today():%Y-%m-%d}_{args.name}"
+        record = build_record(args.runs, out, args.name, args.track)
+        print(f"record: {out}  {record['claimed_seconds']:.1f} s to {record['target']} "
+              f"(p = {record['p_value']:.2g}, n = {record['n']})")
+    else:
+        problems = check_record(args.folder, args.samples)
+        if problems:
+            sys.exit(f"error: {args.folder}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
+        print(f"record OK: {args.folder}" + ("" if args.samples else " (the detector on the exact images: pass --samples)"))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
