@@ -66,25 +66,117 @@ class Detection:
     mask: object = None  # (H, W) bool tensor of the object, for detectors whose colour step needs it
 
 
+# GenEval's environment.yml pins numpy 1.23.1, whose argsort (default kind) is an introsort: a range whose
+# ends are at most this far apart (16 elements) is insertion-sorted, so stable; larger ones are partitioned
+# around a median of three, and past a depth of 2 log2(n) heap-sorted. numpy >= 2 sorts float32 with SIMD
+# networks instead, whose order of ties differs from numpy 1.23's and from one CPU to another.
+NUMPY1_INSERTION_SPAN = 15
+
+
+def numpy1_argsort(values):
+    """np.argsort(values) (default kind) as numpy 1.23 computes it, ties included, on any numpy and CPU."""
+    v = [float(x) for x in values]
+    # numpy's order of floats: NaN after everything
+    less = lambda x, y: x < y or (y != y and x == x)
+    order = list(range(len(v)))
+
+    def heapsort(lo, hi):  # numpy's fallback when partitions keep coming out lopsided; heap positions 1..size
+        def sift(top, size, item):
+            child = 2 * top
+            while child <= size:
+                if child < size and less(v[order[lo + child - 1]], v[order[lo + child]]):
+                    child += 1
+                if not less(v[item], v[order[lo + child - 1]]):
+                    break
+                order[lo + top - 1] = order[lo + child - 1]
+                top, child = child, 2 * child
+            order[lo + top - 1] = item
+        size = hi - lo + 1
+        for top in range(size // 2, 0, -1):
+            sift(top, size, order[lo + top - 1])
+        for size in range(size, 1, -1):
+            item = order[lo + size - 1]
+            order[lo + size - 1] = order[lo]
+            sift(1, size - 1, item)
+
+    def introsort(lo, hi, depth):  # order[lo..hi], both ends included
+        if depth < 0:
+            heapsort(lo, hi)
+            return
+        larger = []  # the larger side of each partition, sorted after the smaller one (disjoint ranges)
+        while hi - lo > NUMPY1_INSERTION_SPAN:
+            mid = lo + (hi - lo) // 2
+            for a, b in ((mid, lo), (hi, mid), (mid, lo)):
+                if less(v[order[a]], v[order[b]]):
+                    order[a], order[b] = order[b], order[a]
+            pivot = v[order[mid]]
+            order[mid], order[hi - 1] = order[hi - 1], order[mid]
+            i, j = lo + 1, hi - 2
+            while True:
+                while less(v[order[i]], pivot):
+                    i += 1
+                while less(pivot, v[order[j]]):
+                    j -= 1
+                if i >= j:
+                    break
+                order[i], order[j] = order[j], order[i]
+                i, j = i + 1, j - 1
+            order[i], order[hi - 1] = order[hi - 1], order[i]
+            depth -= 1
+            if i - lo < hi - i:
+                larger.append((i + 1, hi, depth))
+                hi = i - 1
+            else:
+                larger.append((lo, i - 1, depth))
+                lo = i + 1
+        for k in range(lo + 1, hi + 1):  # insertion sort: equal values keep their order
+            item, k0 = order[k], k
+            while k0 > lo and less(v[item], v[order[k0 - 1]]):
+                order[k0] = order[k0 - 1]
+                k0 -= 1
+            order[k0] = item
+        for job in larger:
+            introsort(*job)
+
+    introsort(0, len(v) - 1, 2 * max(len(v).bit_length() - 1, 0))
+    return order
+
+
 def box_iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    """IoU of two (x1, y1, x2, y2) boxes as evaluate_images.py's compute_iou (its class-wise NMS) computes it.
+
+    As evaluate_images.py does: a box's width and height are x2 - x1 + 1 and y2 - y1 + 1 (pixel ranges with
+    both ends included), clipped at 0; its boxes are float32 (mmdet's) and under its numpy 1.23 a side is a
+    float32 difference while the + 1, the areas and the ratio are float64; 0 when the union is empty.
+    """
+    a, b = np.asarray(a[:4], np.float32), np.asarray(b[:4], np.float32)
+    area = lambda x1, y1, x2, y2: max(float(x2 - x1) + 1, 0.0) * max(float(y2 - y1) + 1, 0.0)
+    inter = area(max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+    union = area(*a) + area(*b) - inter
+    return inter / union if union else 0.0
 
 
 def keep_detections(raw, tag, th: Thresholds):
-    """Per class: confidence threshold, highest first, at most max_objects, then NMS."""
-    threshold = th.counting_threshold if tag == "counting" else th.threshold
+    """Per class: confidence threshold, highest first, at most max_objects, then NMS; as evaluate_images.py
+    does, step by step:
+    - scores are float32 (mmdet's) and compared with the threshold in float32: a score of float32(0.3) is
+      not above 0.3, nor one that rounds to float32(0.9) above 0.9;
+    - the order is np.argsort(scores)[::-1] over all the class's detections, taken before thresholding:
+      equal scores come out in numpy 1.23's order (numpy1_argsort), which for up to 16 detections puts the
+      later detection first;
+    - then the threshold (keeping that order), the first max_objects, and greedy NMS with box_iou
+      (+ 1 pixel convention) unless max_overlap is exactly 1.
+    """
+    threshold = np.float32(th.counting_threshold if tag == "counting" else th.threshold)
     kept = {}
     for cls, dets in raw.items():
-        order = sorted((d for d in dets if d.score > threshold), key=lambda d: -d.score)[:th.max_objects]
+        scores = np.array([d.score for d in dets], np.float32)
+        order = [k for k in numpy1_argsort(scores)[::-1] if scores[k] > threshold][:th.max_objects]
         chosen = []
         while order:
-            best = order.pop(0)
+            best = dets[order.pop(0)]
             chosen.append(best)
-            order = [d for d in order if th.max_overlap >= 1 or box_iou(best.box, d.box) < th.max_overlap]
+            order = [k for k in order if th.max_overlap == 1 or box_iou(best.box, dets[k].box) < th.max_overlap]
         if chosen:
             kept[cls] = chosen
     return kept
