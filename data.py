@@ -22,7 +22,9 @@ import os
 import queue
 import sys
 import threading
+import time
 import urllib.request
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -564,6 +566,9 @@ def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, 
 
 IMAGENET_SIZE = 256
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+# OpenAI's CLIP ViT-L/14 was trained with QuickGELU. open_clip >= 2.2x builds `ViT-L-14` with nn.GELU and only
+# warns when the `openai` weights go into it; `ViT-L-14-quickgelu` (same weights, same files) is the model itself.
+DEFAULT_TEXT_MODEL = "ViT-L-14-quickgelu"
 
 
 def adm_center_crop(image, size=IMAGENET_SIZE):
@@ -581,7 +586,8 @@ def load_imagenet_image(path):
     """(256x256x3 uint8, None), or (None, reason) for a file PIL cannot decode. Grey, CMYK, palette -> RGB."""
     try:
         with Image.open(path) as image:
-            return adm_center_crop(image.convert("RGB")), None
+            image.load()  # a truncated file fails here, not later
+            return adm_center_crop(image if image.mode == "RGB" else image.convert("RGB")), None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return None, f"unreadable: {type(e).__name__}: {str(e)[:120]}"
 
@@ -635,10 +641,14 @@ class VAEAutoencoder:
     """The SD-VAE through diffusers: 256x256 RGB <-> 4x32x32 latents (the posterior mean).
 
     `name` is any AutoencoderKL hub id or local folder; `config` (with `seed`) builds a random-init
-    model of that config instead, for tests and timing.
+    model of that config instead, for tests and timing. For the prep's throughput: `channels_last`
+    stores the weights NHWC; `compile` runs the encoder under torch.compile at one batch shape (a
+    short batch is zero-padded to `compile_batch`). Both change the latents in the last bits; the
+    defaults (eager, contiguous weights) give the same latents as every earlier version of the prep.
     """
 
-    def __init__(self, name=DEFAULT_VAE, config=None, seed=0, mean=None, std=None, device="cpu"):
+    def __init__(self, name=DEFAULT_VAE, config=None, seed=0, mean=None, std=None, device="cpu",
+                 channels_last=False, compile=False, compile_batch=None):
         from diffusers import AutoencoderKL
         if config is not None:
             with torch.random.fork_rng(devices=[]):
@@ -656,15 +666,43 @@ class VAEAutoencoder:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        if channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+        self.static_batch = None
+        if compile:
+            self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False)
+            self.static_batch = compile_batch
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def _posterior_mean(self, x):
+        """uint8 (B, H, W, 3) on the device -> posterior means (B, C, H/8, W/8) in the model's dtype.
+
+        The permuted view is NCHW with NHWC strides (channels_last): the same input every version fed the VAE.
+        """
+        x = x.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
+        return self.vae.encode(x).latent_dist.mean
 
     @torch.no_grad()
     def encode(self, images):
         """uint8 images (B, H, W, 3) -> posterior means (B, C, H/8, W/8), float32 on the CPU."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
-        x = (x.to(self.dtype) / 127.5 - 1)
-        return self.vae.encode(x).latent_dist.mean.float().cpu()
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        return self._posterior_mean(x).float().cpu()
+
+    @torch.no_grad()
+    def encode_pairs(self, images):
+        """uint8 images (B, H, W, 3) on the device -> (B, 2, C, h, w) float32 on the device: each image's posterior
+        mean (view 0) and its horizontal flip's (view 1), encoded as one batch of 2B (the image, then the flips)."""
+        n = len(images)
+        pair = torch.cat([images, images.flip(2)])
+        if self.static_batch and n < self.static_batch:  # one compiled shape: zero-pad, then drop the padding
+            pad = pair.new_zeros((2 * (self.static_batch - n), *pair.shape[1:]))
+            pair = torch.cat([pair[:n], pad[:len(pad) // 2], pair[n:], pad[len(pad) // 2:]])
+            z = self._posterior_mean(pair).float()
+            z = torch.cat([z[:n], z[self.static_batch:self.static_batch + n]])
+        else:
+            z = self._posterior_mean(pair).float()
+        return torch.stack(z.chunk(2), dim=1)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -674,31 +712,189 @@ class VAEAutoencoder:
         return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def _encode_imagenet_shard(root, k, paths, src, caption_ids, vae, batch_size, workers):
-    """Decode, crop and encode one shard (each image and its flip); files land atomically, done marker last."""
-    from concurrent.futures import ThreadPoolExecutor
+class ImageChunks(torch.utils.data.Dataset):
+    """Item t: the ADM-cropped images of a run of consecutive files (all of one shard), decoded in a worker.
+
+    Returns (shard, start, stop, uint8 (n_kept, 256, 256, 3), kept global indices, skipped [{path, reason}]).
+    Paths are held in one numpy array, so forked workers share them without copying.
+    """
+
+    def __init__(self, src, paths, chunks):
+        self.src, self.paths = str(src), np.array(paths, dtype=str)
+        self.chunks = np.array(chunks, np.int64).reshape(-1, 3)
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, t):
+        k, start, stop = (int(v) for v in self.chunks[t])
+        images = torch.empty((stop - start, IMAGENET_SIZE, IMAGENET_SIZE, 3), dtype=torch.uint8)
+        kept, skipped = [], []
+        for i in range(start, stop):
+            image, reason = load_imagenet_image(os.path.join(self.src, self.paths[i]))
+            if image is None:
+                skipped.append({"path": str(self.paths[i]), "reason": reason})
+            else:
+                images[len(kept)] = torch.from_numpy(image)
+                kept.append(i)
+        return k, start, stop, images[:len(kept)].clone(), kept, skipped
+
+
+def imagenet_chunks(shards, shard_size, n, chunk_size):
+    """(shard, start, stop) runs of at most chunk_size files, in shard order; no run crosses a shard boundary."""
+    return [(k, s, min(s + chunk_size, (k + 1) * shard_size, n))
+            for k in shards for s in range(k * shard_size, min((k + 1) * shard_size, n), chunk_size)]
+
+
+def image_loader(src, paths, chunks, workers, pin_memory, prefetch=2):
+    """The decode stage: a DataLoader whose `workers` processes each decode and crop one chunk at a time.
+
+    At most workers x prefetch chunks are decoded ahead of the encoder (0 workers: decode in this process).
+    """
+    return torch.utils.data.DataLoader(ImageChunks(src, paths, chunks), batch_size=None, shuffle=False,
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       prefetch_factor=prefetch if workers else None)
+
+
+class EncodeQueue:
+    """The encode stage: batches of uint8 images on the device -> float16 (B, 2, 4, 32, 32) latents on the host.
+
+    Each batch's latents are copied back into pinned memory without waiting; a batch is collected only when
+    more than `depth` are in flight, so the host prepares the next batch while the GPU encodes this one.
+    `gpu_wait` adds up the seconds the host waited for the GPU (the GPU is then the binding resource).
+    """
+
+    def __init__(self, vae, depth=2):
+        self.vae, self.depth = vae, depth
+        self.cuda = vae.device.type == "cuda"
+        self.inflight = deque()
+        self.gpu_wait = 0.0
+
+    def submit(self, images, key):
+        z = self.vae.encode_pairs(images)
+        event = None
+        if self.cuda:
+            host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
+            host.copy_(z, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.vae.device))
+        else:
+            host = z
+        self.inflight.append((key, event, host))
+        return self.collect(self.depth)
+
+    def collect(self, depth=0):
+        """[(key, float16 latents)] of the oldest batches, until at most `depth` are in flight."""
+        done = []
+        while len(self.inflight) > depth:
+            key, event, host = self.inflight.popleft()
+            if event is not None:
+                start = time.perf_counter()
+                event.synchronize()
+                self.gpu_wait += time.perf_counter() - start
+            done.append((key, host.numpy().astype(np.float16)))
+        return done
+
+
+def _write_imagenet_shard(root, k, latents, caption_ids, skipped):
+    """One shard's files, each landing atomically (tmp + rename), the done marker last."""
     stem = Path(root) / f"shard_{k:05d}"
-    with ThreadPoolExecutor(workers) as pool:  # PIL decodes with the GIL released
-        loaded = list(pool.map(load_imagenet_image, [Path(src) / p for p in paths]))
-    keep = [i for i, (image, _) in enumerate(loaded) if image is not None]
-    skipped = [{"path": paths[i], "reason": reason} for i, (image, reason) in enumerate(loaded) if image is None]
-    latents = []
-    for start in range(0, len(keep), batch_size):
-        images = np.stack([loaded[i][0] for i in keep[start:start + batch_size]])
-        pair = vae.encode(np.concatenate([images, images[:, :, ::-1]]))  # the image, then its flip
-        latents.append(torch.stack(pair.chunk(2), dim=1).numpy().astype(np.float16))
-    latents = np.concatenate(latents) if latents else np.zeros((0, 2, 4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), np.float16)
-    for name, array in (("latents", latents), ("captions", caption_ids[keep].astype(np.int32))):
+    latents = np.concatenate(latents) if latents else np.zeros(
+        (0, 2, 4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), np.float16)
+    for name, array in (("latents", latents), ("captions", caption_ids.astype(np.int32))):
         with open(f"{stem}.{name}.npy.tmp", "wb") as f:
             np.save(f, array)
         os.replace(f"{stem}.{name}.npy.tmp", f"{stem}.{name}.npy")
     with open(f"{stem}.done.json.tmp", "w") as f:
-        json.dump({"count": len(keep), "skipped": skipped}, f)
+        json.dump({"count": len(latents), "skipped": skipped}, f)
     os.replace(f"{stem}.done.json.tmp", f"{stem}.done.json")
+    return len(latents)
+
+
+def encode_imagenet_shards(root, src, paths, caption_ids, shards, shard_size, vae, batch_size=64, workers=8,
+                           chunk_size=32, prefetch=2, write=True, log=print, n_shards=None):
+    """Decode, crop and encode the given shards (each image and its flip), streaming.
+
+    Worker processes decode chunks of files (`image_loader`); this process copies each chunk to the device
+    as it arrives (pinned memory, non-blocking), encodes `batch_size` kept images of a shard at a time, in
+    file order (the batches are the same as the prep has always made, so the latents are too), and a
+    writer thread saves each finished shard while the next is encoded. The host holds at most
+    workers x prefetch chunks, one batch and the current shard's latents (16 KiB per image).
+    Returns timing: images, skipped, seconds, loader_wait (host waiting for decoded images), gpu_wait.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    n_shards = n_shards or len(shards)
+    cuda = vae.device.type == "cuda"
+    loader = image_loader(src, paths, imagenet_chunks(shards, shard_size, len(paths), chunk_size), workers,
+                          pin_memory=cuda, prefetch=prefetch)
+    queue_ = EncodeQueue(vae)
+    state = {}  # shard -> {"latents": [...], "kept": [...], "skipped": [...], "open": batches in flight or to come}
+    buffer, buffered = [], 0
+    writer, writes = ThreadPoolExecutor(1), []
+    stats = dict(images=0, skipped=0, loader_wait=0.0)
+    start_time = time.perf_counter()
+
+    def write_shard(k, s):
+        ids = caption_ids[np.array(s["kept"], np.int64)]
+        count = _write_imagenet_shard(root, k, s["latents"], ids, s["skipped"]) if write else len(ids)
+        log(f"imagenet: shard {k + 1}/{n_shards} done ({count} images, {len(s['skipped'])} skipped, "
+            f"{stats['images'] / (time.perf_counter() - start_time):.0f} img/s so far)")
+
+    def collected(done):
+        for k, latents in done:
+            s = state[k]
+            s["latents"].append(latents)
+            s["open"] -= 1
+            if s["open"] == 0 and s["closed"]:
+                writes.append(writer.submit(write_shard, k, state.pop(k)))
+        for f in [f for f in writes if f.done()]:
+            f.result()  # a failed write stops the prep here
+            writes.remove(f)
+
+    def take(n):
+        nonlocal buffer, buffered
+        x = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
+        buffer = [x[n:]] if len(x) > n else []
+        buffered -= n
+        return x[:n]
+
+    try:
+        it = iter(loader)
+        while True:
+            wait = time.perf_counter()
+            item = next(it, None)
+            stats["loader_wait"] += time.perf_counter() - wait
+            if item is None:
+                break
+            k, start, stop, images, kept, skipped = item
+            s = state.setdefault(k, {"latents": [], "kept": [], "skipped": [], "open": 0, "closed": False})
+            s["kept"] += kept
+            s["skipped"] += skipped
+            stats["images"] += len(kept)
+            stats["skipped"] += len(skipped)
+            if len(images):
+                buffer.append(images.to(vae.device, non_blocking=True))
+                buffered += len(images)
+            last = stop == min((k + 1) * shard_size, len(paths))
+            while buffered >= batch_size or (last and buffered):
+                s["open"] += 1
+                collected(queue_.submit(take(min(batch_size, buffered)), k))
+            if last:
+                s["closed"] = True
+                if s["open"] == 0:  # nothing in flight: every file skipped, or all collected already
+                    writes.append(writer.submit(write_shard, k, state.pop(k)))
+        collected(queue_.collect(0))
+    finally:
+        writer.shutdown(wait=True)
+    for f in writes:
+        f.result()
+    stats.update(seconds=time.perf_counter() - start_time, gpu_wait=queue_.gpu_wait)
+    return stats
 
 
 def build_imagenet(src, out, vae=DEFAULT_VAE, captions_file=None, seed=0, shard_size=10_000, batch_size=64,
-                   workers=8, vae_config=None, rank=0, world_size=1, device="cpu", log=print):
+                   workers=8, vae_config=None, rank=0, world_size=1, device="cpu", channels_last=False,
+                   compile=False, chunk_size=32, prefetch=2, log=print):
     """ImageNet -> shards of SD-VAE latents (image and flip) + a caption-feature table + manifest.
 
     Each rank encodes the shards k with k % world_size == rank; a shard whose done marker exists is
@@ -712,18 +908,19 @@ def build_imagenet(src, out, vae=DEFAULT_VAE, captions_file=None, seed=0, shard_
     table = sorted(set(captions))
     caption_ids = np.searchsorted(np.array(table, dtype=object), np.array(captions, dtype=object))
     n_shards = (len(paths) + shard_size - 1) // shard_size
-    autoencoder = None
-    for k in range(rank, n_shards, world_size):
-        if (out / f"shard_{k:05d}.done.json").exists():
-            continue
-        autoencoder = autoencoder or VAEAutoencoder(vae, vae_config, seed, device=device)
-        rows = slice(k * shard_size, (k + 1) * shard_size)
-        _encode_imagenet_shard(out, k, paths[rows], src, caption_ids[rows], autoencoder, batch_size, workers)
-        log(f"imagenet: shard {k + 1}/{n_shards} done")
+    todo = [k for k in range(rank, n_shards, world_size) if not (out / f"shard_{k:05d}.done.json").exists()]
+    if todo:
+        autoencoder = VAEAutoencoder(vae, vae_config, seed, device=device, channels_last=channels_last,
+                                     compile=compile, compile_batch=batch_size)
+        stats = encode_imagenet_shards(out, src, paths, caption_ids, todo, shard_size, autoencoder, batch_size,
+                                       workers, chunk_size, prefetch, log=log, n_shards=n_shards)
+        log(f"imagenet: rank {rank}: {stats['images']} images in {len(todo)} shards, {stats['skipped']} skipped, "
+            f"{stats['seconds']:.1f} s ({stats['images'] / max(stats['seconds'], 1e-9):.0f} img/s; waited "
+            f"{stats['loader_wait']:.1f} s for decoded images, {stats['gpu_wait']:.1f} s for the encoder)")
     return dict(paths=paths, table=table, n_shards=n_shards)
 
 
-def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text_model="ViT-L-14",
+def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text_model=DEFAULT_TEXT_MODEL,
                     text_pretrained="openai", text_overrides=None, seed=0, device="cpu", log=print):
     """Rank 0, after every shard is done: latent statistics, text table, manifest with every skip listed."""
     out = Path(out)
@@ -1002,6 +1199,9 @@ def prepare_imagenet(args):
     """The imagenet command, on one process or under torchrun (each rank encodes every world_size-th shard)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        torch.cuda.set_device(device)  # events, streams and pinned copies then refer to this rank's GPU
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if world_size > 1:
         import torch.distributed as dist
         dist.init_process_group("nccl" if device != "cpu" else "gloo")
@@ -1009,7 +1209,9 @@ def prepare_imagenet(args):
                 text_overrides=args.text_overrides)
     job = build_imagenet(args.src, args.out, args.vae, captions_file=args.captions, seed=args.seed,
                          shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
-                         vae_config=args.vae_config, rank=rank, world_size=world_size, device=device)
+                         vae_config=args.vae_config, rank=rank, world_size=world_size, device=device,
+                         channels_last=args.channels_last, compile=args.compile, chunk_size=args.chunk_size,
+                         prefetch=args.prefetch)
     if world_size > 1:
         dist.barrier()
     if rank == 0:
@@ -1018,6 +1220,25 @@ def prepare_imagenet(args):
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def add_prep_speed_args(p, bench=False):
+    """The prep's throughput options (the imagenet command; bench-prep takes lists of the first two)."""
+    if bench:
+        p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256], help="images per encoder batch "
+                       "(each encoded with its flip: twice as many encodes)")
+        p.add_argument("--workers", type=int, nargs="+", default=[max((os.cpu_count() or 2) - 2, 1)],
+                       help="decoding worker processes")
+    else:
+        p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (x2 with the flips)")
+        p.add_argument("--workers", type=int, default=8, help="worker processes decoding and cropping images "
+                       "(0: in the main process); under torchrun, per rank")
+        p.add_argument("--channels-last", action="store_true", help="NHWC encoder weights (last-bit changes)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the encoder (last-bit changes)")
+    p.add_argument("--chunk-size", type=int, default=32, help="files a worker decodes per task")
+    p.add_argument("--prefetch", type=int, default=2, help="chunks decoded ahead per worker")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
+                   help="let cuDNN time its convolution algorithms (GPU; may change the last bits)")
 
 
 def main(argv=None):
@@ -1040,13 +1261,14 @@ def main(argv=None):
     m.add_argument("--vae-config", type=json.loads, default=None,
                    help="JSON AutoencoderKL config: a seeded random init of it instead of --vae (tests, timing)")
     m.add_argument("--captions", default=None, help='jsonl of {"path": "n01440764/x.JPEG", "caption": "..."}')
-    m.add_argument("--text-model", default="ViT-L-14")
-    m.add_argument("--text-pretrained", default="openai", help="open_clip pretrained tag; '' for a random init")
+    m.add_argument("--text-model", default=DEFAULT_TEXT_MODEL,
+                   help="open_clip model name (or local-dir:FOLDER); OpenAI's ViT-L/14 is ViT-L-14-quickgelu")
+    m.add_argument("--text-pretrained", default="openai",
+                   help="open_clip pretrained tag or checkpoint file; '' for a random init")
     m.add_argument("--text-overrides", type=json.loads, default=None, help="JSON open_clip.create_model overrides")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shard-size", type=int, default=10_000)
-    m.add_argument("--batch-size", type=int, default=64)
-    m.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    add_prep_speed_args(m)
     v = sub.add_parser("verify", help="check a shard directory against its manifest")
     v.add_argument("root")
     v.add_argument("--full", action="store_true", help="hash every byte (default: sizes + sampled sha256 windows)")
