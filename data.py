@@ -588,7 +588,7 @@ def load_imagenet_image(path):
         with Image.open(path) as image:
             image.load()  # a truncated file fails here, not later
             return adm_center_crop(image if image.mode == "RGB" else image.convert("RGB")), None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Exception as e:  # OSError, DecompressionBombError, and whatever else a malformed file makes PIL raise
         return None, f"unreadable: {type(e).__name__}: {str(e)[:120]}"
 
 
@@ -728,16 +728,16 @@ class ImageChunks(torch.utils.data.Dataset):
 
     def __getitem__(self, t):
         k, start, stop = (int(v) for v in self.chunks[t])
-        images = torch.empty((stop - start, IMAGENET_SIZE, IMAGENET_SIZE, 3), dtype=torch.uint8)
+        images = np.empty((stop - start, IMAGENET_SIZE, IMAGENET_SIZE, 3), np.uint8)
         kept, skipped = [], []
         for i in range(start, stop):
             image, reason = load_imagenet_image(os.path.join(self.src, self.paths[i]))
             if image is None:
                 skipped.append({"path": str(self.paths[i]), "reason": reason})
             else:
-                images[len(kept)] = torch.from_numpy(image)
+                images[len(kept)] = image
                 kept.append(i)
-        return k, start, stop, images[:len(kept)].clone(), kept, skipped
+        return k, start, stop, torch.from_numpy(images[:len(kept)].copy()), kept, skipped
 
 
 def imagenet_chunks(shards, shard_size, n, chunk_size):
@@ -955,6 +955,446 @@ def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text
     log(f"imagenet: {manifest['count']} images in {n_shards} shards, {len(skipped)} skipped, "
         f"{len(table)} unique captions; wrote {out}/manifest.json")
     return manifest
+
+# -----------------------------------------------------------------------------
+# Rehearsal: offline, seeded stand-ins for what the hubs give (an ImageNet-layout tree, random-init weights of
+# the real architectures in the hubs' file layouts), so the ImageNet loop runs through its real loaders.
+
+# stabilityai/sd-vae-ft-ema's config.json (the SD 1.x autoencoder): 83.7M parameters.
+SD_VAE_FT_EMA = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                     layers_per_block=2, act_fn="silu", norm_num_groups=32, sample_size=256)
+# The same classes a few channels wide (still 4 x 32 x 32 latents of 256 x 256 images).
+TINY_SD_VAE = dict(SD_VAE_FT_EMA, block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4)
+# open_clip model configs: OpenAI's ViT-L/14 is open_clip's ViT-L-14-quickgelu; the tiny one has its classes.
+TINY_OPEN_CLIP = dict(embed_dim=32, quick_gelu=True,
+                      vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16),
+                      text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+# Mask2Former with a Swin backbone a few channels wide (evaluate.MASK2FORMER_SWIN_S is the real one).
+TINY_MASK2FORMER = dict(
+    backbone_config=dict(model_type="swin", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                         window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"]),
+    num_labels=80, num_queries=8, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_layers=1,
+    decoder_layers=2, encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2)
+# Weight folders under OUT/weights, named as the hub repositories they stand in for.
+REHEARSAL_VAE, REHEARSAL_CLIP = "sd-vae-ft-ema", "vit_large_patch14_clip_224.openai"
+REHEARSAL_DETECTOR = "mask2former-swin-small-coco-instance"
+OPEN_CLIP_FILE = "open_clip_pytorch_model.bin"
+# GenEval-format prompts, one per tag, with COCO classes (the real list: evaluate.py geneval-prompts).
+REHEARSAL_PROMPTS = [
+    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+    {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "toaster", "count": 1}],
+     "prompt": "a photo of a dog and a toaster"},
+    {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
+     "prompt": "a photo of two cats"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
+    {"tag": "position", "include": [{"class": "chair", "count": 1},
+                                    {"class": "dog", "count": 1, "position": ["right of", 0]}],
+     "prompt": "a photo of a dog right of a chair"},
+    {"tag": "color_attr", "include": [{"class": "bus", "count": 1, "color": "blue"},
+                                      {"class": "kite", "count": 1, "color": "yellow"}],
+     "prompt": "a photo of a blue bus and a yellow kite"},
+]
+
+
+def _photo(rng, width, height):
+    """A JPEG-friendly RGB picture: smooth colour fields plus grain, so files and decode times are photo-like."""
+    low = rng.integers(0, 256, (max(height // 24, 2), max(width // 24, 2), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), np.int16)
+    return np.clip(smooth + rng.integers(-10, 11, smooth.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+
+
+def _photo_size(rng, tiny):
+    """(width, height) drawn like ImageNet's: mostly 500x375 / 500x333 either way, some small, a few large."""
+    if tiny:
+        w, h = (int(v) for v in rng.integers(48, 400, 2))
+        return w, h
+    u = rng.random()
+    if u < 0.55:
+        w, h = 500, 375
+    elif u < 0.70:
+        w, h = 500, 333
+    elif u < 0.80:
+        w, h = 500, 500
+    elif u < 0.90:
+        w, h = (int(v) for v in rng.integers(200, 800, 2))
+    elif u < 0.95:
+        w, h = (int(v) for v in rng.integers(60, 256, 2))
+    else:
+        w = int(rng.integers(1000, 3000))
+        h = int(w / rng.uniform(1.3, 1.6))
+    return (w, h) if rng.random() < 0.7 else (h, w)
+
+
+def _fabricate_synset(root, synset, first, count, seed, tiny):
+    """count JPEGs (quality 75-95, like the crawl) of one synset folder; file i is seeded by (seed, first + i)."""
+    folder = Path(root) / synset
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(first, first + count):
+        rng = np.random.default_rng([seed, i])
+        w, h = _photo_size(rng, tiny)
+        Image.fromarray(_photo(rng, w, h)).save(folder / f"{synset}_{i}.JPEG", quality=int(rng.integers(75, 96)))
+    return count
+
+
+def _fabricate_odd_files(root, synsets, seed):
+    """The odd files ImageNet has or a copy may have, one per synset in turn: {relative path: 'kept' | 'skipped'}."""
+    rng = np.random.default_rng([seed, 1 << 20])
+    photo = _photo(rng, 320, 240)
+    odd = {}
+
+    def put(i, name, expect, write):
+        rel = f"{synsets[i % len(synsets)]}/{synsets[i % len(synsets)]}_odd_{name}"
+        write(Path(root) / rel)
+        odd[rel] = expect
+
+    def jpeg_bytes(image, **kw):
+        import io
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", **kw)
+        return buf.getvalue()
+
+    put(0, "grey.JPEG", "kept", lambda p: Image.fromarray(photo[..., 1]).save(p, "JPEG"))
+    put(1, "cmyk.JPEG", "kept", lambda p: Image.fromarray(photo).convert("CMYK").save(p, "JPEG"))
+    put(2, "palette_png.JPEG", "kept", lambda p: Image.fromarray(photo).convert("P").save(p, "PNG"))
+    put(3, "rgba_png.JPEG", "kept", lambda p: Image.fromarray(
+        np.dstack([photo, np.linspace(0, 255, photo.shape[1], dtype=np.uint8)[None].repeat(photo.shape[0], 0)]),
+        "RGBA").save(p, "PNG"))
+    put(4, "panorama.JPEG", "kept", lambda p: Image.fromarray(_photo(rng, 1400, 90)).save(p, "JPEG"))
+    put(5, "tiny.JPEG", "kept", lambda p: Image.fromarray(photo[:13, :17]).save(p, "JPEG"))
+    put(6, "truncated.JPEG", "skipped", lambda p: p.write_bytes(jpeg_bytes(Image.fromarray(photo))[:4000]))
+    put(7, "empty.JPEG", "skipped", lambda p: p.write_bytes(b""))
+    put(8, "notes.txt", "skipped", lambda p: p.write_text("downloaded with a script; 3 files failed\n"))
+    put(9, "html.JPEG", "skipped", lambda p: p.write_text("<html><body>403 Forbidden</body></html>\n"))
+    return odd
+
+
+def _save_open_clip(folder, model_name, overrides, seed):
+    """A random-init open_clip model in the layout of the hub's timm/vit_large_patch14_clip_224.openai: its
+    open_clip_config.json and open_clip_pytorch_model.bin (loads as pretrained=FILE or as local-dir:FOLDER)."""
+    import open_clip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(model_name, **(overrides or {}))
+    config = {**open_clip.get_model_config(model_name), **(overrides or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / OPEN_CLIP_FILE)
+    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess},
+                                                             indent=2))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _save_mask2former(folder, config, seed):
+    """A random-init Mask2Former (80 COCO labels) saved as transformers saves the hub model's folder."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+    import evaluate  # the detector's class names and index order
+    labels = dict(enumerate(evaluate.COCO_CLASSES))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
+            **config, id2label=labels, label2id={v: k for k, v in labels.items()}))
+    model.save_pretrained(folder)
+    try:
+        from transformers import Mask2FormerImageProcessor
+        Mask2FormerImageProcessor().save_pretrained(folder)  # the hub folder has one; the scorer does not read it
+    except ImportError:
+        pass
+    return sum(p.numel() for p in model.parameters())
+
+
+def fabricate_rehearsal(out, tiny=False, images=None, synsets=None, seed=0, workers=None, log=print):
+    """What the hubs would give, offline and seeded: OUT/train (ImageNet layout, with odd files), OUT/weights
+    (random-init SD-VAE ft-EMA, OpenAI CLIP ViT-L/14, Mask2Former Swin-S COCO instance, or tiny models of the same
+    classes), OUT/evaluation_metadata.jsonl (six GenEval prompts) and OUT/rehearsal.json (what was made, the odd
+    files and what the prep must do with them, and the follow-up commands)."""
+    from timm.data import ImageNetInfo
+    out = Path(out).resolve()
+    images = images if images is not None else (40 if tiny else 10_000)
+    info = ImageNetInfo()
+    n_synsets = synsets or (4 if tiny else max(1, min(1000, images // 100)))
+    names = [info.index_to_label_name(i) for i in np.linspace(0, 999, n_synsets).astype(int)]
+    train, weights = out / "train", out / "weights"
+    if train.exists() and any(train.iterdir()):
+        raise UserError(f"{train}: already exists; remove it or pick another --out")
+    per = [images // n_synsets + (k < images % n_synsets) for k in range(n_synsets)]
+    firsts = np.cumsum([0] + per[:-1])
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers or min(n_synsets, os.cpu_count() or 1)) as pool:
+        made = sum(pool.map(_fabricate_synset, [train] * n_synsets, names, firsts, per, [seed] * n_synsets,
+                            [tiny] * n_synsets))
+    odd = _fabricate_odd_files(train, names, seed)
+    log(f"rehearsal: {made} images + {len(odd)} odd files in {n_synsets} synset folders under {train} "
+        f"({time.perf_counter() - start:.1f} s)")
+    vae_dir, clip_dir, detector_dir = weights / REHEARSAL_VAE, weights / REHEARSAL_CLIP, weights / REHEARSAL_DETECTOR
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL(**(TINY_SD_VAE if tiny else SD_VAE_FT_EMA))
+    vae.save_pretrained(vae_dir)
+    counts = {"vae": sum(p.numel() for p in vae.parameters())}
+    clip_overrides = {k: v for k, v in TINY_OPEN_CLIP.items() if k != "quick_gelu"} if tiny else None
+    counts["clip"] = _save_open_clip(clip_dir, DEFAULT_TEXT_MODEL, clip_overrides, seed)
+    import evaluate
+    counts["detector"] = _save_mask2former(detector_dir, TINY_MASK2FORMER if tiny else evaluate.MASK2FORMER_SWIN_S,
+                                           seed)
+    log("rehearsal: random-init weights, " + ", ".join(f"{k} {v / 1e6:.2f}M parameters" for k, v in counts.items())
+        + f" under {weights}")
+    write_metadata(out / "evaluation_metadata.jsonl", REHEARSAL_PROMPTS)
+    commands = rehearsal_commands(out, tiny)
+    (out / "rehearsal.json").write_text(json.dumps({
+        "tiny": tiny, "seed": seed, "images": made, "synsets": names, "odd": odd, "parameters": counts,
+        "weights": {"vae": str(vae_dir), "clip_folder": str(clip_dir), "clip_file": str(clip_dir / OPEN_CLIP_FILE),
+                    "detector": str(detector_dir)},
+        "commands": commands}, indent=1))
+    log("rehearsal: next, on the machine that will run the real thing:\n" + "\n".join(commands.values()))
+    return out
+
+
+def rehearsal_commands(out, tiny):
+    """The follow-up commands for a rehearsal folder: the real pipeline's flags pointed at its local weights."""
+    out = Path(out)
+    w = out / "weights"
+    if tiny:  # no ViT-L-14 name fits a tiny tower: open_clip reads the architecture from the folder's config
+        text = f"--text-model local-dir:{w / REHEARSAL_CLIP} --text-pretrained ''"
+        clip = f"--clip-model local-dir:{w / REHEARSAL_CLIP} --clip-pretrained ''"
+        speed = "--batch-size 8 --workers 2 --shard-size 16"
+        bench = "--batch-sizes 4 8 --workers 0 2 --variants eager channels_last --images 32 --encode-images 16"
+    else:
+        text = f"--text-model {DEFAULT_TEXT_MODEL} --text-pretrained {w / REHEARSAL_CLIP / OPEN_CLIP_FILE}"
+        clip = f"--clip-model {DEFAULT_TEXT_MODEL} --clip-pretrained {w / REHEARSAL_CLIP / OPEN_CLIP_FILE}"
+        speed = "--batch-size 128 --workers 14"
+        bench = "--batch-sizes 64 128 256 --workers 8 14 --variants eager channels_last compile --images 8192"
+    return {
+        "prep": f"python data.py imagenet --src {out / 'train'} --out {out / 'shards'} --vae {w / REHEARSAL_VAE} "
+                f"{text} {speed}",
+        "bench": f"python data.py bench-prep --src {out / 'train'} --vae {w / REHEARSAL_VAE} {text} {bench}",
+        "score_flags": f"python evaluate.py curve RUN --backend mask2former --detector {w / REHEARSAL_DETECTOR} "
+                       f"{clip} --prompts {out / 'evaluation_metadata.jsonl'}",
+    }
+
+# -----------------------------------------------------------------------------
+# bench-prep: where the prep's time goes (decode on CPU workers, encode on the GPU, both together)
+
+class HostMemory:
+    """Peak host memory of this process and its children (the decode workers), sampled 5 times a second.
+
+    Linux: the sum of each process's proportional set size (shared pages split among their users, so the
+    workers' common libraries count once). Elsewhere: this process's peak RSS.
+    """
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+
+    @staticmethod
+    def _tree(pid):
+        pids, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            pids.append(p)
+            try:
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{task}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+        return pids
+
+    def sample(self):
+        total = 0
+        for pid in self._tree(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+            except (OSError, StopIteration, ValueError):
+                pass
+        if not total:
+            import resource
+            total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak = max(self.peak, total)
+
+    def _run(self):
+        while not self._stop.wait(0.2):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def matmul_peak_tflops(device, n=8192, repeats=10):
+    """The bf16 matmul rate this GPU reaches now (n^3 products), the yardstick of the MFU column."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def encoder_flops_per_image(vae):
+    """Counted FLOPs of encoding one image and its flip (convolutions, matmuls, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.zeros((1, IMAGENET_SIZE, IMAGENET_SIZE, 3), dtype=torch.uint8, device=vae.device)
+    static, vae.static_batch = vae.static_batch, None
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            encoder = getattr(vae.vae.encoder, "_orig_mod", vae.vae.encoder)  # count the eager module
+            compiled, vae.vae.encoder = vae.vae.encoder, encoder
+            try:
+                vae.encode_pairs(x)
+            finally:
+                vae.vae.encoder = compiled
+    finally:
+        vae.static_batch = static
+    return counter.get_total_flops()
+
+
+def bench_prep(args, log=print):
+    """Time the prep's stages on a source tree and print one table: decode-only (CPU workers), encode-only
+    (pre-decoded images in pinned memory, through the prep's copy / encode / copy-back path) and end to end
+    (the prep's own encode_imagenet_shards, shards written to a scratch folder), with peak memory."""
+    import shutil
+    import tempfile
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    paths, _ = list_imagenet(args.src)
+    paths = paths[:args.images]
+    rows = []
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    peak = matmul_peak_tflops(device) if cuda else float("nan")
+    log(f"bench-prep: {len(paths)} files of {args.src} on {name}, {os.cpu_count()} CPU cores; encoder "
+        f"{args.vae_config and 'random-init config' or args.vae}; each image encoded with its flip"
+        + (f"; bf16 matmul peak measured here {peak:.0f} TFLOP/s" if cuda else ""))
+
+    def row(**r):
+        if isinstance(r.get("tflop_s"), float):
+            r["mfu"] = r["tflop_s"] / peak
+        rows.append(r)
+        log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if v != ""))
+
+    def gpu_reset():
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def gpu_peak():
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
+
+    chunks = imagenet_chunks([0], len(paths), len(paths), args.chunk_size)
+    # 1. decode only: the DataLoader of the prep, its output dropped
+    for workers in args.workers:
+        with HostMemory() as memory:
+            start, n = time.perf_counter(), 0
+            for _, _, _, images, _, _ in image_loader(args.src, paths, chunks, workers, cuda, args.prefetch):
+                n += len(images)
+            seconds = time.perf_counter() - start
+        row(stage="decode", workers=workers, batch="", variant="", seconds=seconds, img_s=n / seconds, gflop_img="",
+            tflop_s="",
+            gpu_gib="", host_gib=memory.peak / 2 ** 30, loader_wait="", gpu_wait="")
+    # the images for the encode-only rows, decoded once into pinned memory
+    pool = []
+    for _, _, _, images, _, _ in image_loader(args.src, paths[:args.encode_images],
+                                              imagenet_chunks([0], args.encode_images, len(paths[:args.encode_images]),
+                                                              args.chunk_size), max(args.workers), False):
+        pool.append(images)
+    pool = torch.cat(pool)
+    pool = pool.pin_memory() if cuda else pool
+    vaes, flops, best = {}, None, {}
+    for variant in args.variants:
+        parts = set(variant.split("+"))
+        for batch in args.batch_sizes:
+            if variant not in vaes:  # one per variant: a compiled encoder keeps a graph per batch size
+                vaes[variant] = VAEAutoencoder(args.vae, args.vae_config, 0, device=device,
+                                               channels_last="channels_last" in parts, compile="compile" in parts)
+            vae = vaes[variant]
+            vae.static_batch = batch if "compile" in parts else None
+            flops = flops or encoder_flops_per_image(vae)
+            # 2. encode only: warm-up (compilation, cuDNN's choices), then every pre-decoded image once
+            queue_ = EncodeQueue(vae)
+            warm = time.perf_counter()
+            for _ in range(2):
+                queue_.submit(pool[:batch].to(device, non_blocking=True), None)
+            queue_.collect(0)
+            warm = time.perf_counter() - warm
+            gpu_reset()
+            queue_ = EncodeQueue(vae)
+            start = time.perf_counter()
+            for i in range(0, len(pool), batch):
+                queue_.submit(pool[i:i + batch].to(device, non_blocking=True), None)
+            queue_.collect(0)
+            seconds = time.perf_counter() - start
+            ips = len(pool) / seconds
+            row(stage="encode", workers="", batch=batch, variant=variant, seconds=seconds, img_s=ips,
+                gflop_img=flops / 1e9,
+                tflop_s=ips * flops / 1e12, gpu_gib=gpu_peak(), host_gib="", loader_wait="", gpu_wait=queue_.gpu_wait,
+                warmup_s=warm)
+            if ips > best.get(variant, (0, 0))[0]:
+                best[variant] = (ips, batch)
+    # 3. end to end: the prep's pipeline, each variant at its best batch, with each worker count
+    scratch = Path(tempfile.mkdtemp(prefix="bench-prep-", dir=args.scratch))
+    try:
+        for variant in args.variants:
+            batch, vae = best[variant][1], vaes[variant]
+            vae.static_batch = batch if "compile" in variant.split("+") else None
+            for workers in args.workers:
+                gpu_reset()
+                with HostMemory() as memory:
+                    stats = encode_imagenet_shards(scratch, args.src, paths, np.zeros(len(paths), np.int64), [0],
+                                                   len(paths), vae, batch, workers, args.chunk_size, args.prefetch,
+                                                   log=lambda *a: None)
+                row(stage="end-to-end", workers=workers, batch=batch, variant=variant, seconds=stats["seconds"],
+                    img_s=stats["images"] / stats["seconds"], gflop_img=flops / 1e9,
+                    tflop_s=stats["images"] * flops / stats["seconds"] / 1e12, gpu_gib=gpu_peak(),
+                    host_gib=memory.peak / 2 ** 30, loader_wait=stats["loader_wait"], gpu_wait=stats["gpu_wait"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.text_model:
+        encoder = TextEncoder(args.text_model, args.text_pretrained or None, 0, 77, args.text_overrides, str(device))
+        captions = imagenet_captions(paths, np.arange(len(paths)) % 1000, 0)[:args.text_captions]
+        encoder.encode(captions[:256])
+        gpu_reset()
+        start = time.perf_counter()
+        encoder.encode(captions)
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        row(stage="text", workers="", batch=256, variant="captions/s", seconds=seconds, img_s=len(captions) / seconds,
+            gflop_img="", tflop_s="", gpu_gib=gpu_peak(), host_gib="", loader_wait="", gpu_wait="")
+    print_bench_table(rows, log)
+    return rows
+
+
+def print_bench_table(rows, log=print):
+    """The rows as one markdown table (img/s: images, each with its flip; text rows: captions/s)."""
+    columns = ["stage", "workers", "batch", "variant", "seconds", "img_s", "gflop_img", "tflop_s", "mfu", "gpu_gib",
+               "host_gib", "loader_wait", "gpu_wait"]
+    heads = ["stage", "workers", "batch", "variant", "s", "img/s", "GFLOP/img", "TFLOP/s", "MFU", "GPU peak GiB",
+             "host peak GiB", "waited for decode s", "waited for GPU s"]
+
+    def cell(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    log("\n".join(lines))
 
 # -----------------------------------------------------------------------------
 # Autoencoders: latents <-> images
@@ -1269,6 +1709,29 @@ def main(argv=None):
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shard-size", type=int, default=10_000)
     add_prep_speed_args(m)
+    r = sub.add_parser("rehearsal", help="fabricate offline what the hubs would give: an ImageNet-layout tree "
+                       "with odd files, random-init weights of the real models in the hubs' layouts")
+    r.add_argument("--out", required=True)
+    r.add_argument("--tiny", action="store_true", help="tens of images and tiny models of the same classes (CI)")
+    r.add_argument("--images", type=int, default=None, help="regular images (default 10,000; --tiny 40)")
+    r.add_argument("--synsets", type=int, default=None, help="synset folders (default images / 100; --tiny 4)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--workers", type=int, default=None, help="processes writing images (default: one per core)")
+    b = sub.add_parser("bench-prep", help="time the imagenet prep's stages: decode, encode, end to end")
+    b.add_argument("--src", required=True, help="an ImageNet-layout folder (e.g. a rehearsal's train/)")
+    b.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder")
+    b.add_argument("--vae-config", type=json.loads, default=None, help="JSON AutoencoderKL config (random init)")
+    b.add_argument("--images", type=int, default=4096, help="files timed (the first ones, in path order)")
+    b.add_argument("--encode-images", type=int, default=1024, help="pre-decoded images for the encode-only rows")
+    b.add_argument("--variants", nargs="+", default=["eager", "channels_last", "compile"],
+                   help="encoder variants, parts joined by +: eager, channels_last, compile (e.g. compile+channels_last)")
+    b.add_argument("--device", default=None, help="default: cuda when available")
+    b.add_argument("--scratch", default=None, help="folder for the end-to-end rows' shards (default: system temp)")
+    b.add_argument("--text-model", default=None, help="also time the text features of this open_clip model")
+    b.add_argument("--text-pretrained", default="openai")
+    b.add_argument("--text-overrides", type=json.loads, default=None)
+    b.add_argument("--text-captions", type=int, default=4096)
+    add_prep_speed_args(b, bench=True)
     v = sub.add_parser("verify", help="check a shard directory against its manifest")
     v.add_argument("root")
     v.add_argument("--full", action="store_true", help="hash every byte (default: sizes + sampled sha256 windows)")
@@ -1278,6 +1741,13 @@ def main(argv=None):
                      args.text_pretrained, args.text_seed, args.text_seq_len)
     elif args.command == "imagenet":
         prepare_imagenet(args)
+    elif args.command == "rehearsal":
+        fabricate_rehearsal(args.out, args.tiny, args.images, args.synsets, args.seed, args.workers)
+    elif args.command == "bench-prep":
+        for variant in args.variants:
+            if not set(variant.split("+")) <= {"eager", "channels_last", "compile"}:
+                raise UserError(f"--variants: {variant!r} is not eager, channels_last, compile or a + of them")
+        bench_prep(args)
     elif args.command == "verify":
         dataset = ShardDataset(args.root, verify="full" if args.full else "fast")
         check = "every byte hashed" if args.full else "sizes and sampled sha256 windows; --full hashes every byte"
