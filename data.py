@@ -716,11 +716,12 @@ class ImageChunks(torch.utils.data.Dataset):
     """Item t: the ADM-cropped images of a run of consecutive files (all of one shard), decoded in a worker.
 
     Returns (shard, start, stop, uint8 (n_kept, 256, 256, 3), kept global indices, skipped [{path, reason}]).
-    Paths are held in one numpy array, so forked workers share them without copying.
+    Paths are held in one numpy array of UTF-8 bytes (40 MB for ImageNet's 1.28M), which forked workers share
+    without copying (no per-object reference counts to touch).
     """
 
     def __init__(self, src, paths, chunks):
-        self.src, self.paths = str(src), np.array(paths, dtype=str)
+        self.src, self.paths = str(src), np.array([p.encode() for p in paths])
         self.chunks = np.array(chunks, np.int64).reshape(-1, 3)
 
     def __len__(self):
@@ -731,9 +732,10 @@ class ImageChunks(torch.utils.data.Dataset):
         images = np.empty((stop - start, IMAGENET_SIZE, IMAGENET_SIZE, 3), np.uint8)
         kept, skipped = [], []
         for i in range(start, stop):
-            image, reason = load_imagenet_image(os.path.join(self.src, self.paths[i]))
+            path = self.paths[i].decode()
+            image, reason = load_imagenet_image(os.path.join(self.src, path))
             if image is None:
-                skipped.append({"path": str(self.paths[i]), "reason": reason})
+                skipped.append({"path": path, "reason": reason})
             else:
                 images[len(kept)] = image
                 kept.append(i)
@@ -1165,7 +1167,8 @@ def rehearsal_commands(out, tiny):
         text = f"--text-model {DEFAULT_TEXT_MODEL} --text-pretrained {w / REHEARSAL_CLIP / OPEN_CLIP_FILE}"
         clip = f"--clip-model {DEFAULT_TEXT_MODEL} --clip-pretrained {w / REHEARSAL_CLIP / OPEN_CLIP_FILE}"
         speed = "--batch-size 128 --workers 14"
-        bench = "--batch-sizes 64 128 256 --workers 8 14 --variants eager channels_last compile --images 8192"
+        bench = ("--batch-sizes 64 128 256 --workers 8 14 --variants eager channels_last compile --images 8192 "
+                 "--cudnn-benchmark")
     return {
         "prep": f"python data.py imagenet --src {out / 'train'} --out {out / 'shards'} --vae {w / REHEARSAL_VAE} "
                 f"{text} {speed}",
@@ -1328,9 +1331,16 @@ def bench_prep(args, log=print):
             # 2. encode only: warm-up (compilation, cuDNN's choices), then every pre-decoded image once
             queue_ = EncodeQueue(vae)
             warm = time.perf_counter()
-            for _ in range(2):
-                queue_.submit(pool[:batch].to(device, non_blocking=True), None)
-            queue_.collect(0)
+            try:
+                for _ in range(2):
+                    queue_.submit(pool[:batch].to(device, non_blocking=True), None)
+                queue_.collect(0)
+            except Exception as e:  # e.g. a compiler or out-of-memory failure: report it, time the rest
+                log(f"bench-prep: {variant} at batch {batch} failed: {type(e).__name__}: {str(e)[:300]}")
+                row(stage="encode", workers="", batch=batch, variant=f"{variant} FAILED ({type(e).__name__})")
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
             warm = time.perf_counter() - warm
             gpu_reset()
             queue_ = EncodeQueue(vae)
@@ -1349,7 +1359,7 @@ def bench_prep(args, log=print):
     # 3. end to end: the prep's pipeline, each variant at its best batch, with each worker count
     scratch = Path(tempfile.mkdtemp(prefix="bench-prep-", dir=args.scratch))
     try:
-        for variant in args.variants:
+        for variant in [v for v in args.variants if v in best]:
             batch, vae = best[variant][1], vaes[variant]
             vae.static_batch = batch if "compile" in variant.split("+") else None
             for workers in args.workers:
