@@ -25,7 +25,9 @@ import os
 import queue
 import sys
 import threading
+import time
 import urllib.request
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -624,6 +626,9 @@ def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, 
 
 IMAGENET_SIZE = 256
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+# OpenAI's CLIP ViT-L/14 was trained with QuickGELU. open_clip >= 2.2x builds `ViT-L-14` with nn.GELU and only
+# warns when the `openai` weights go into it; `ViT-L-14-quickgelu` (same weights, same files) is the model itself.
+DEFAULT_TEXT_MODEL = "ViT-L-14-quickgelu"
 
 
 def adm_center_crop(image, size=IMAGENET_SIZE):
@@ -641,8 +646,9 @@ def load_imagenet_image(path):
     """(256x256x3 uint8, None), or (None, reason) for a file PIL cannot decode. Grey, CMYK, palette -> RGB."""
     try:
         with Image.open(path) as image:
-            return adm_center_crop(image.convert("RGB")), None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            image.load()  # a truncated file fails here, not later
+            return adm_center_crop(image if image.mode == "RGB" else image.convert("RGB")), None
+    except Exception as e:  # OSError, DecompressionBombError, and whatever else a malformed file makes PIL raise
         return None, f"unreadable: {type(e).__name__}: {str(e)[:120]}"
 
 
@@ -695,10 +701,14 @@ class VAEAutoencoder:
     """The SD-VAE through diffusers: 256x256 RGB <-> 4x32x32 latents (the posterior mean).
 
     `name` is any AutoencoderKL hub id or local folder; `config` (with `seed`) builds a random-init
-    model of that config instead, for tests and timing.
+    model of that config instead, for tests and timing. For the prep's throughput: `channels_last`
+    stores the weights NHWC; `compile` runs the encoder under torch.compile at one batch shape (a
+    short batch is zero-padded to `compile_batch`). Both change the latents in the last bits; the
+    defaults (eager, contiguous weights) give the same latents as every earlier version of the prep.
     """
 
-    def __init__(self, name=DEFAULT_VAE, config=None, seed=0, mean=None, std=None, device="cpu"):
+    def __init__(self, name=DEFAULT_VAE, config=None, seed=0, mean=None, std=None, device="cpu",
+                 channels_last=False, compile=False, compile_batch=None):
         from diffusers import AutoencoderKL
         if config is not None:
             with torch.random.fork_rng(devices=[]):
@@ -716,15 +726,43 @@ class VAEAutoencoder:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        if channels_last:
+            self.vae.to(memory_format=torch.channels_last)
+        self.static_batch = None
+        if compile:
+            self.vae.encoder = torch.compile(self.vae.encoder, dynamic=False)
+            self.static_batch = compile_batch
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def _posterior_mean(self, x):
+        """uint8 (B, H, W, 3) on the device -> posterior means (B, C, H/8, W/8) in the model's dtype.
+
+        The permuted view is NCHW with NHWC strides (channels_last): the same input every version fed the VAE.
+        """
+        x = x.permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
+        return self.vae.encode(x).latent_dist.mean
 
     @torch.no_grad()
     def encode(self, images):
         """uint8 images (B, H, W, 3) -> posterior means (B, C, H/8, W/8), float32 on the CPU."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2)
-        x = (x.to(self.dtype) / 127.5 - 1)
-        return self.vae.encode(x).latent_dist.mean.float().cpu()
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        return self._posterior_mean(x).float().cpu()
+
+    @torch.no_grad()
+    def encode_pairs(self, images):
+        """uint8 images (B, H, W, 3) on the device -> (B, 2, C, h, w) float32 on the device: each image's posterior
+        mean (view 0) and its horizontal flip's (view 1), encoded as one batch of 2B (the image, then the flips)."""
+        n = len(images)
+        pair = torch.cat([images, images.flip(2)])
+        if self.static_batch and n < self.static_batch:  # one compiled shape: zero-pad, then drop the padding
+            pad = pair.new_zeros((2 * (self.static_batch - n), *pair.shape[1:]))
+            pair = torch.cat([pair[:n], pad[:len(pad) // 2], pair[n:], pad[len(pad) // 2:]])
+            z = self._posterior_mean(pair).float()
+            z = torch.cat([z[:n], z[self.static_batch:self.static_batch + n]])
+        else:
+            z = self._posterior_mean(pair).float()
+        return torch.stack(z.chunk(2), dim=1)
 
     @torch.no_grad()
     def decode(self, latents):
@@ -734,31 +772,191 @@ class VAEAutoencoder:
         return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def _encode_imagenet_shard(root, k, paths, src, caption_ids, vae, batch_size, workers):
-    """Decode, crop and encode one shard (each image and its flip); files land atomically, done marker last."""
-    from concurrent.futures import ThreadPoolExecutor
+class ImageChunks(torch.utils.data.Dataset):
+    """Item t: the ADM-cropped images of a run of consecutive files (all of one shard), decoded in a worker.
+
+    Returns (shard, start, stop, uint8 (n_kept, 256, 256, 3), kept global indices, skipped [{path, reason}]).
+    Paths are held in one numpy array of UTF-8 bytes (40 MB for ImageNet's 1.28M), which forked workers share
+    without copying (no per-object reference counts to touch).
+    """
+
+    def __init__(self, src, paths, chunks):
+        self.src, self.paths = str(src), np.array([p.encode() for p in paths])
+        self.chunks = np.array(chunks, np.int64).reshape(-1, 3)
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, t):
+        k, start, stop = (int(v) for v in self.chunks[t])
+        images = np.empty((stop - start, IMAGENET_SIZE, IMAGENET_SIZE, 3), np.uint8)
+        kept, skipped = [], []
+        for i in range(start, stop):
+            path = self.paths[i].decode()
+            image, reason = load_imagenet_image(os.path.join(self.src, path))
+            if image is None:
+                skipped.append({"path": path, "reason": reason})
+            else:
+                images[len(kept)] = image
+                kept.append(i)
+        return k, start, stop, torch.from_numpy(images[:len(kept)].copy()), kept, skipped
+
+
+def imagenet_chunks(shards, shard_size, n, chunk_size):
+    """(shard, start, stop) runs of at most chunk_size files, in shard order; no run crosses a shard boundary."""
+    return [(k, s, min(s + chunk_size, (k + 1) * shard_size, n))
+            for k in shards for s in range(k * shard_size, min((k + 1) * shard_size, n), chunk_size)]
+
+
+def image_loader(src, paths, chunks, workers, pin_memory, prefetch=2):
+    """The decode stage: a DataLoader whose `workers` processes each decode and crop one chunk at a time.
+
+    At most workers x prefetch chunks are decoded ahead of the encoder (0 workers: decode in this process).
+    """
+    return torch.utils.data.DataLoader(ImageChunks(src, paths, chunks), batch_size=None, shuffle=False,
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       prefetch_factor=prefetch if workers else None)
+
+
+class EncodeQueue:
+    """The encode stage: batches of uint8 images on the device -> float16 (B, 2, 4, 32, 32) latents on the host.
+
+    Each batch's latents are copied back into pinned memory without waiting; a batch is collected only when
+    more than `depth` are in flight, so the host prepares the next batch while the GPU encodes this one.
+    `gpu_wait` adds up the seconds the host waited for the GPU (the GPU is then the binding resource).
+    """
+
+    def __init__(self, vae, depth=2):
+        self.vae, self.depth = vae, depth
+        self.cuda = vae.device.type == "cuda"
+        self.inflight = deque()
+        self.gpu_wait = 0.0
+
+    def submit(self, images, key):
+        z = self.vae.encode_pairs(images)
+        event = None
+        if self.cuda:
+            host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
+            host.copy_(z, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.vae.device))
+        else:
+            host = z
+        self.inflight.append((key, event, host))
+        return self.collect(self.depth)
+
+    def collect(self, depth=0):
+        """[(key, float16 latents)] of the oldest batches, until at most `depth` are in flight."""
+        done = []
+        while len(self.inflight) > depth:
+            key, event, host = self.inflight.popleft()
+            if event is not None:
+                start = time.perf_counter()
+                event.synchronize()
+                self.gpu_wait += time.perf_counter() - start
+            done.append((key, host.numpy().astype(np.float16)))
+        return done
+
+
+def _write_imagenet_shard(root, k, latents, caption_ids, skipped):
+    """One shard's files, each landing atomically (tmp + rename), the done marker last."""
     stem = Path(root) / f"shard_{k:05d}"
-    with ThreadPoolExecutor(workers) as pool:  # PIL decodes with the GIL released
-        loaded = list(pool.map(load_imagenet_image, [Path(src) / p for p in paths]))
-    keep = [i for i, (image, _) in enumerate(loaded) if image is not None]
-    skipped = [{"path": paths[i], "reason": reason} for i, (image, reason) in enumerate(loaded) if image is None]
-    latents = []
-    for start in range(0, len(keep), batch_size):
-        images = np.stack([loaded[i][0] for i in keep[start:start + batch_size]])
-        pair = vae.encode(np.concatenate([images, images[:, :, ::-1]]))  # the image, then its flip
-        latents.append(torch.stack(pair.chunk(2), dim=1).numpy().astype(np.float16))
-    latents = np.concatenate(latents) if latents else np.zeros((0, 2, 4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), np.float16)
-    for name, array in (("latents", latents), ("captions", caption_ids[keep].astype(np.int32))):
+    latents = np.concatenate(latents) if latents else np.zeros(
+        (0, 2, 4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), np.float16)
+    for name, array in (("latents", latents), ("captions", caption_ids.astype(np.int32))):
         with open(f"{stem}.{name}.npy.tmp", "wb") as f:
             np.save(f, array)
         os.replace(f"{stem}.{name}.npy.tmp", f"{stem}.{name}.npy")
     with open(f"{stem}.done.json.tmp", "w") as f:
-        json.dump({"count": len(keep), "skipped": skipped}, f)
+        json.dump({"count": len(latents), "skipped": skipped}, f)
     os.replace(f"{stem}.done.json.tmp", f"{stem}.done.json")
+    return len(latents)
+
+
+def encode_imagenet_shards(root, src, paths, caption_ids, shards, shard_size, vae, batch_size=64, workers=8,
+                           chunk_size=32, prefetch=2, write=True, log=print, n_shards=None):
+    """Decode, crop and encode the given shards (each image and its flip), streaming.
+
+    Worker processes decode chunks of files (`image_loader`); this process copies each chunk to the device
+    as it arrives (pinned memory, non-blocking), encodes `batch_size` kept images of a shard at a time, in
+    file order (the batches are the same as the prep has always made, so the latents are too), and a
+    writer thread saves each finished shard while the next is encoded. The host holds at most
+    workers x prefetch chunks, one batch and the current shard's latents (16 KiB per image).
+    Returns timing: images, skipped, seconds, loader_wait (host waiting for decoded images), gpu_wait.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    n_shards = n_shards or len(shards)
+    cuda = vae.device.type == "cuda"
+    loader = image_loader(src, paths, imagenet_chunks(shards, shard_size, len(paths), chunk_size), workers,
+                          pin_memory=cuda, prefetch=prefetch)
+    queue_ = EncodeQueue(vae)
+    state = {}  # shard -> {"latents": [...], "kept": [...], "skipped": [...], "open": batches in flight or to come}
+    buffer, buffered = [], 0
+    writer, writes = ThreadPoolExecutor(1), []
+    stats = dict(images=0, skipped=0, loader_wait=0.0)
+    start_time = time.perf_counter()
+
+    def write_shard(k, s):
+        ids = caption_ids[np.array(s["kept"], np.int64)]
+        count = _write_imagenet_shard(root, k, s["latents"], ids, s["skipped"]) if write else len(ids)
+        log(f"imagenet: shard {k + 1}/{n_shards} done ({count} images, {len(s['skipped'])} skipped, "
+            f"{stats['images'] / (time.perf_counter() - start_time):.0f} img/s so far)")
+
+    def collected(done):
+        for k, latents in done:
+            s = state[k]
+            s["latents"].append(latents)
+            s["open"] -= 1
+            if s["open"] == 0 and s["closed"]:
+                writes.append(writer.submit(write_shard, k, state.pop(k)))
+        for f in [f for f in writes if f.done()]:
+            f.result()  # a failed write stops the prep here
+            writes.remove(f)
+
+    def take(n):
+        nonlocal buffer, buffered
+        x = buffer[0] if len(buffer) == 1 else torch.cat(buffer)
+        buffer = [x[n:]] if len(x) > n else []
+        buffered -= n
+        return x[:n]
+
+    try:
+        it = iter(loader)
+        while True:
+            wait = time.perf_counter()
+            item = next(it, None)
+            stats["loader_wait"] += time.perf_counter() - wait
+            if item is None:
+                break
+            k, start, stop, images, kept, skipped = item
+            s = state.setdefault(k, {"latents": [], "kept": [], "skipped": [], "open": 0, "closed": False})
+            s["kept"] += kept
+            s["skipped"] += skipped
+            stats["images"] += len(kept)
+            stats["skipped"] += len(skipped)
+            if len(images):
+                buffer.append(images.to(vae.device, non_blocking=True))
+                buffered += len(images)
+            last = stop == min((k + 1) * shard_size, len(paths))
+            while buffered >= batch_size or (last and buffered):
+                s["open"] += 1
+                collected(queue_.submit(take(min(batch_size, buffered)), k))
+            if last:
+                s["closed"] = True
+                if s["open"] == 0:  # nothing in flight: every file skipped, or all collected already
+                    writes.append(writer.submit(write_shard, k, state.pop(k)))
+        collected(queue_.collect(0))
+    finally:
+        writer.shutdown(wait=True)
+    for f in writes:
+        f.result()
+    stats.update(seconds=time.perf_counter() - start_time, gpu_wait=queue_.gpu_wait)
+    return stats
 
 
 def build_imagenet(src, out, vae=DEFAULT_VAE, captions_file=None, seed=0, shard_size=10_000, batch_size=64,
-                   workers=8, vae_config=None, rank=0, world_size=1, device="cpu", log=print):
+                   workers=8, vae_config=None, rank=0, world_size=1, device="cpu", channels_last=False,
+                   compile=False, chunk_size=32, prefetch=2, log=print):
     """ImageNet -> shards of SD-VAE latents (image and flip) + a caption-feature table + manifest.
 
     Each rank encodes the shards k with k % world_size == rank; a shard whose done marker exists is
@@ -772,18 +970,19 @@ def build_imagenet(src, out, vae=DEFAULT_VAE, captions_file=None, seed=0, shard_
     table = sorted(set(captions))
     caption_ids = np.searchsorted(np.array(table, dtype=object), np.array(captions, dtype=object))
     n_shards = (len(paths) + shard_size - 1) // shard_size
-    autoencoder = None
-    for k in range(rank, n_shards, world_size):
-        if (out / f"shard_{k:05d}.done.json").exists():
-            continue
-        autoencoder = autoencoder or VAEAutoencoder(vae, vae_config, seed, device=device)
-        rows = slice(k * shard_size, (k + 1) * shard_size)
-        _encode_imagenet_shard(out, k, paths[rows], src, caption_ids[rows], autoencoder, batch_size, workers)
-        log(f"imagenet: shard {k + 1}/{n_shards} done")
+    todo = [k for k in range(rank, n_shards, world_size) if not (out / f"shard_{k:05d}.done.json").exists()]
+    if todo:
+        autoencoder = VAEAutoencoder(vae, vae_config, seed, device=device, channels_last=channels_last,
+                                     compile=compile, compile_batch=batch_size)
+        stats = encode_imagenet_shards(out, src, paths, caption_ids, todo, shard_size, autoencoder, batch_size,
+                                       workers, chunk_size, prefetch, log=log, n_shards=n_shards)
+        log(f"imagenet: rank {rank}: {stats['images']} images in {len(todo)} shards, {stats['skipped']} skipped, "
+            f"{stats['seconds']:.1f} s ({stats['images'] / max(stats['seconds'], 1e-9):.0f} img/s; waited "
+            f"{stats['loader_wait']:.1f} s for decoded images, {stats['gpu_wait']:.1f} s for the encoder)")
     return dict(paths=paths, table=table, n_shards=n_shards)
 
 
-def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text_model="ViT-L-14",
+def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text_model=DEFAULT_TEXT_MODEL,
                     text_pretrained="openai", text_overrides=None, seed=0, device="cpu", log=print):
     """Rank 0, after every shard is done: latent statistics, text table, manifest with every skip listed."""
     out = Path(out)
@@ -818,6 +1017,454 @@ def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text
     log(f"imagenet: {manifest['count']} images in {n_shards} shards, {len(skipped)} skipped, "
         f"{len(table)} unique captions; wrote {out}/manifest.json")
     return manifest
+
+# -----------------------------------------------------------------------------
+# Rehearsal: offline, seeded stand-ins for what the hubs give (an ImageNet-layout tree, random-init weights of
+# the real architectures in the hubs' file layouts), so the ImageNet loop runs through its real loaders.
+
+# stabilityai/sd-vae-ft-ema's config.json (the SD 1.x autoencoder): 83.7M parameters.
+SD_VAE_FT_EMA = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                     layers_per_block=2, act_fn="silu", norm_num_groups=32, sample_size=256)
+# The same classes a few channels wide (still 4 x 32 x 32 latents of 256 x 256 images).
+TINY_SD_VAE = dict(SD_VAE_FT_EMA, block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4)
+# open_clip model configs: OpenAI's ViT-L/14 is open_clip's ViT-L-14-quickgelu; the tiny one has its classes.
+TINY_OPEN_CLIP = dict(embed_dim=32, quick_gelu=True,
+                      vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16),
+                      text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+# Mask2Former with a Swin backbone a few channels wide (evaluate.MASK2FORMER_SWIN_S is the real one).
+TINY_MASK2FORMER = dict(
+    backbone_config=dict(model_type="swin", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                         window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"]),
+    num_labels=80, num_queries=8, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_layers=1,
+    decoder_layers=2, encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2)
+# Weight folders under OUT/weights, named as the hub repositories they stand in for.
+REHEARSAL_VAE, REHEARSAL_CLIP = "sd-vae-ft-ema", "vit_large_patch14_clip_224.openai"
+REHEARSAL_DETECTOR = "mask2former-swin-small-coco-instance"
+OPEN_CLIP_FILE = "open_clip_pytorch_model.bin"
+# GenEval-format prompts, one per tag, with COCO classes (the real list: evaluate.py geneval-prompts).
+REHEARSAL_PROMPTS = [
+    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+    {"tag": "two_object", "include": [{"class": "dog", "count": 1}, {"class": "toaster", "count": 1}],
+     "prompt": "a photo of a dog and a toaster"},
+    {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}],
+     "prompt": "a photo of two cats"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
+    {"tag": "position", "include": [{"class": "chair", "count": 1},
+                                    {"class": "dog", "count": 1, "position": ["right of", 0]}],
+     "prompt": "a photo of a dog right of a chair"},
+    {"tag": "color_attr", "include": [{"class": "bus", "count": 1, "color": "blue"},
+                                      {"class": "kite", "count": 1, "color": "yellow"}],
+     "prompt": "a photo of a blue bus and a yellow kite"},
+]
+
+
+def _photo(rng, width, height):
+    """A JPEG-friendly RGB picture: smooth colour fields plus grain, so files and decode times are photo-like."""
+    low = rng.integers(0, 256, (max(height // 24, 2), max(width // 24, 2), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), np.int16)
+    return np.clip(smooth + rng.integers(-10, 11, smooth.shape, dtype=np.int16), 0, 255).astype(np.uint8)
+
+
+def _photo_size(rng, tiny):
+    """(width, height) drawn like ImageNet's: mostly 500x375 / 500x333 either way, some small, a few large."""
+    if tiny:
+        w, h = (int(v) for v in rng.integers(48, 400, 2))
+        return w, h
+    u = rng.random()
+    if u < 0.55:
+        w, h = 500, 375
+    elif u < 0.70:
+        w, h = 500, 333
+    elif u < 0.80:
+        w, h = 500, 500
+    elif u < 0.90:
+        w, h = (int(v) for v in rng.integers(200, 800, 2))
+    elif u < 0.95:
+        w, h = (int(v) for v in rng.integers(60, 256, 2))
+    else:
+        w = int(rng.integers(1000, 3000))
+        h = int(w / rng.uniform(1.3, 1.6))
+    return (w, h) if rng.random() < 0.7 else (h, w)
+
+
+def _fabricate_synset(root, synset, first, count, seed, tiny):
+    """count JPEGs (quality 75-95, like the crawl) of one synset folder; file i is seeded by (seed, first + i)."""
+    folder = Path(root) / synset
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(first, first + count):
+        rng = np.random.default_rng([seed, i])
+        w, h = _photo_size(rng, tiny)
+        Image.fromarray(_photo(rng, w, h)).save(folder / f"{synset}_{i}.JPEG", quality=int(rng.integers(75, 96)))
+    return count
+
+
+def _fabricate_odd_files(root, synsets, seed):
+    """The odd files ImageNet has or a copy may have, one per synset in turn: {relative path: 'kept' | 'skipped'}."""
+    rng = np.random.default_rng([seed, 1 << 20])
+    photo = _photo(rng, 320, 240)
+    odd = {}
+
+    def put(i, name, expect, write):
+        rel = f"{synsets[i % len(synsets)]}/{synsets[i % len(synsets)]}_odd_{name}"
+        write(Path(root) / rel)
+        odd[rel] = expect
+
+    def jpeg_bytes(image, **kw):
+        import io
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", **kw)
+        return buf.getvalue()
+
+    put(0, "grey.JPEG", "kept", lambda p: Image.fromarray(photo[..., 1]).save(p, "JPEG"))
+    put(1, "cmyk.JPEG", "kept", lambda p: Image.fromarray(photo).convert("CMYK").save(p, "JPEG"))
+    put(2, "palette_png.JPEG", "kept", lambda p: Image.fromarray(photo).convert("P").save(p, "PNG"))
+    put(3, "rgba_png.JPEG", "kept", lambda p: Image.fromarray(
+        np.dstack([photo, np.linspace(0, 255, photo.shape[1], dtype=np.uint8)[None].repeat(photo.shape[0], 0)]),
+        "RGBA").save(p, "PNG"))
+    put(4, "panorama.JPEG", "kept", lambda p: Image.fromarray(_photo(rng, 1400, 90)).save(p, "JPEG"))
+    put(5, "tiny.JPEG", "kept", lambda p: Image.fromarray(photo[:13, :17]).save(p, "JPEG"))
+    put(6, "truncated.JPEG", "skipped", lambda p: p.write_bytes(jpeg_bytes(Image.fromarray(photo))[:4000]))
+    put(7, "empty.JPEG", "skipped", lambda p: p.write_bytes(b""))
+    put(8, "notes.txt", "skipped", lambda p: p.write_text("downloaded with a script; 3 files failed\n"))
+    put(9, "html.JPEG", "skipped", lambda p: p.write_text("<html><body>403 Forbidden</body></html>\n"))
+    return odd
+
+
+def _save_open_clip(folder, model_name, overrides, seed):
+    """A random-init open_clip model in the layout of the hub's timm/vit_large_patch14_clip_224.openai: its
+    open_clip_config.json and open_clip_pytorch_model.bin (loads as pretrained=FILE or as local-dir:FOLDER)."""
+    import open_clip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(model_name, **(overrides or {}))
+    config = {**open_clip.get_model_config(model_name), **(overrides or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / OPEN_CLIP_FILE)
+    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess},
+                                                             indent=2))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _save_mask2former(folder, config, seed):
+    """A random-init Mask2Former (80 COCO labels) saved as transformers saves the hub model's folder."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+    import evaluate  # the detector's class names and index order
+    labels = dict(enumerate(evaluate.COCO_CLASSES))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
+            **config, id2label=labels, label2id={v: k for k, v in labels.items()}))
+    model.save_pretrained(folder)
+    try:
+        from transformers import Mask2FormerImageProcessor
+        Mask2FormerImageProcessor().save_pretrained(folder)  # the hub folder has one; the scorer does not read it
+    except ImportError:
+        pass
+    return sum(p.numel() for p in model.parameters())
+
+
+def fabricate_rehearsal(out, tiny=False, images=None, synsets=None, seed=0, workers=None, log=print):
+    """What the hubs would give, offline and seeded: OUT/train (ImageNet layout, with odd files), OUT/weights
+    (random-init SD-VAE ft-EMA, OpenAI CLIP ViT-L/14, Mask2Former Swin-S COCO instance, or tiny models of the same
+    classes), OUT/evaluation_metadata.jsonl (six GenEval prompts) and OUT/rehearsal.json (what was made, the odd
+    files and what the prep must do with them, and the follow-up commands)."""
+    from timm.data import ImageNetInfo
+    out = Path(out).resolve()
+    images = images if images is not None else (40 if tiny else 10_000)
+    info = ImageNetInfo()
+    n_synsets = synsets or (4 if tiny else max(1, min(1000, images // 100)))
+    names = [info.index_to_label_name(i) for i in np.linspace(0, 999, n_synsets).astype(int)]
+    train, weights = out / "train", out / "weights"
+    if train.exists() and any(train.iterdir()):
+        raise UserError(f"{train}: already exists; remove it or pick another --out")
+    per = [images // n_synsets + (k < images % n_synsets) for k in range(n_synsets)]
+    firsts = np.cumsum([0] + per[:-1])
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers or min(n_synsets, os.cpu_count() or 1)) as pool:
+        made = sum(pool.map(_fabricate_synset, [train] * n_synsets, names, firsts, per, [seed] * n_synsets,
+                            [tiny] * n_synsets))
+    odd = _fabricate_odd_files(train, names, seed)
+    log(f"rehearsal: {made} images + {len(odd)} odd files in {n_synsets} synset folders under {train} "
+        f"({time.perf_counter() - start:.1f} s)")
+    vae_dir, clip_dir, detector_dir = weights / REHEARSAL_VAE, weights / REHEARSAL_CLIP, weights / REHEARSAL_DETECTOR
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL(**(TINY_SD_VAE if tiny else SD_VAE_FT_EMA))
+    vae.save_pretrained(vae_dir)
+    counts = {"vae": sum(p.numel() for p in vae.parameters())}
+    clip_overrides = {k: v for k, v in TINY_OPEN_CLIP.items() if k != "quick_gelu"} if tiny else None
+    counts["clip"] = _save_open_clip(clip_dir, DEFAULT_TEXT_MODEL, clip_overrides, seed)
+    import evaluate
+    counts["detector"] = _save_mask2former(detector_dir, TINY_MASK2FORMER if tiny else evaluate.MASK2FORMER_SWIN_S,
+                                           seed)
+    log("rehearsal: random-init weights, " + ", ".join(f"{k} {v / 1e6:.2f}M parameters" for k, v in counts.items())
+        + f" under {weights}")
+    write_metadata(out / "evaluation_metadata.jsonl", REHEARSAL_PROMPTS)
+    commands = rehearsal_commands(out, tiny)
+    (out / "rehearsal.json").write_text(json.dumps({
+        "tiny": tiny, "seed": seed, "images": made, "synsets": names, "odd": odd, "parameters": counts,
+        "weights": {"vae": str(vae_dir), "clip_folder": str(clip_dir), "clip_file": str(clip_dir / OPEN_CLIP_FILE),
+                    "detector": str(detector_dir)},
+        "commands": commands}, indent=1))
+    log("rehearsal: next, on the machine that will run the real thing:\n" + "\n".join(commands.values()))
+    return out
+
+
+def rehearsal_commands(out, tiny):
+    """The follow-up commands for a rehearsal folder: the real pipeline's flags pointed at its local weights."""
+    out = Path(out)
+    w = out / "weights"
+    if tiny:  # no ViT-L-14 name fits a tiny tower: open_clip reads the architecture from the folder's config
+        text = f"--text-model local-dir:{w / REHEARSAL_CLIP} --text-pretrained ''"
+        clip = f"--clip-model local-dir:{w / REHEARSAL_CLIP} --clip-pretrained ''"
+        speed = "--batch-size 8 --workers 2 --shard-size 16"
+        bench = "--batch-sizes 4 8 --workers 0 2 --variants eager channels_last --images 32 --encode-images 16"
+    else:
+        text = f"--text-model {DEFAULT_TEXT_MODEL} --text-pretrained {w / REHEARSAL_CLIP / OPEN_CLIP_FILE}"
+        clip = f"--clip-model {DEFAULT_TEXT_MODEL} --clip-pretrained {w / REHEARSAL_CLIP / OPEN_CLIP_FILE}"
+        speed = "--batch-size 128 --workers 14"
+        bench = ("--batch-sizes 64 128 256 --workers 8 14 --variants eager channels_last compile --images 8192 "
+                 "--cudnn-benchmark")
+    return {
+        "prep": f"python data.py imagenet --src {out / 'train'} --out {out / 'shards'} --vae {w / REHEARSAL_VAE} "
+                f"{text} {speed}",
+        "bench": f"python data.py bench-prep --src {out / 'train'} --vae {w / REHEARSAL_VAE} {text} {bench}",
+        "score_flags": f"python evaluate.py curve RUN --backend mask2former --detector {w / REHEARSAL_DETECTOR} "
+                       f"{clip} --prompts {out / 'evaluation_metadata.jsonl'}",
+    }
+
+# -----------------------------------------------------------------------------
+# bench-prep: where the prep's time goes (decode on CPU workers, encode on the GPU, both together)
+
+class HostMemory:
+    """Peak host memory of this process and its children (the decode workers), sampled 5 times a second.
+
+    Linux: the sum of each process's proportional set size (shared pages split among their users, so the
+    workers' common libraries count once). Elsewhere: this process's peak RSS.
+    """
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+
+    @staticmethod
+    def _tree(pid):
+        pids, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            pids.append(p)
+            try:
+                for task in os.listdir(f"/proc/{p}/task"):
+                    with open(f"/proc/{p}/task/{task}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+        return pids
+
+    def sample(self):
+        total = 0
+        for pid in self._tree(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+            except (OSError, StopIteration, ValueError):
+                pass
+        if not total:
+            import resource
+            total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak = max(self.peak, total)
+
+    def _run(self):
+        while not self._stop.wait(0.2):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def matmul_peak_tflops(device, n=8192, repeats=10):
+    """The bf16 matmul rate this GPU reaches now (n^3 products), the yardstick of the MFU column."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def encoder_flops_per_image(vae):
+    """Counted FLOPs of encoding one image and its flip (convolutions, matmuls, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.zeros((1, IMAGENET_SIZE, IMAGENET_SIZE, 3), dtype=torch.uint8, device=vae.device)
+    static, vae.static_batch = vae.static_batch, None
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            encoder = getattr(vae.vae.encoder, "_orig_mod", vae.vae.encoder)  # count the eager module
+            compiled, vae.vae.encoder = vae.vae.encoder, encoder
+            try:
+                vae.encode_pairs(x)
+            finally:
+                vae.vae.encoder = compiled
+    finally:
+        vae.static_batch = static
+    return counter.get_total_flops()
+
+
+def bench_prep(args, log=print):
+    """Time the prep's stages on a source tree and print one table: decode-only (CPU workers), encode-only
+    (pre-decoded images in pinned memory, through the prep's copy / encode / copy-back path) and end to end
+    (the prep's own encode_imagenet_shards, shards written to a scratch folder), with peak memory."""
+    import shutil
+    import tempfile
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    paths, _ = list_imagenet(args.src)
+    paths = paths[:args.images]
+    rows = []
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    peak = matmul_peak_tflops(device) if cuda else float("nan")
+    log(f"bench-prep: {len(paths)} files of {args.src} on {name}, {os.cpu_count()} CPU cores; encoder "
+        f"{args.vae_config and 'random-init config' or args.vae}; each image encoded with its flip"
+        + (f"; bf16 matmul peak measured here {peak:.0f} TFLOP/s" if cuda else ""))
+
+    def row(**r):
+        if isinstance(r.get("tflop_s"), float):
+            r["mfu"] = r["tflop_s"] / peak
+        rows.append(r)
+        log("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items() if v != ""))
+
+    def gpu_reset():
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def gpu_peak():
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else float("nan")
+
+    chunks = imagenet_chunks([0], len(paths), len(paths), args.chunk_size)
+    # 1. decode only: the DataLoader of the prep, its output dropped
+    for workers in args.workers:
+        with HostMemory() as memory:
+            start, n = time.perf_counter(), 0
+            for _, _, _, images, _, _ in image_loader(args.src, paths, chunks, workers, cuda, args.prefetch):
+                n += len(images)
+            seconds = time.perf_counter() - start
+        row(stage="decode", workers=workers, batch="", variant="", seconds=seconds, img_s=n / seconds, gflop_img="",
+            tflop_s="",
+            gpu_gib="", host_gib=memory.peak / 2 ** 30, loader_wait="", gpu_wait="")
+    # the images for the encode-only rows, decoded once into pinned memory
+    pool = []
+    for _, _, _, images, _, _ in image_loader(args.src, paths[:args.encode_images],
+                                              imagenet_chunks([0], args.encode_images, len(paths[:args.encode_images]),
+                                                              args.chunk_size), max(args.workers), False):
+        pool.append(images)
+    pool = torch.cat(pool)
+    pool = pool.pin_memory() if cuda else pool
+    vaes, flops, best = {}, None, {}
+    for variant in args.variants:
+        parts = set(variant.split("+"))
+        for batch in args.batch_sizes:
+            if variant not in vaes:  # one per variant: a compiled encoder keeps a graph per batch size
+                vaes[variant] = VAEAutoencoder(args.vae, args.vae_config, 0, device=device,
+                                               channels_last="channels_last" in parts, compile="compile" in parts)
+            vae = vaes[variant]
+            vae.static_batch = batch if "compile" in parts else None
+            flops = flops or encoder_flops_per_image(vae)
+            # 2. encode only: warm-up (compilation, cuDNN's choices), then every pre-decoded image once
+            queue_ = EncodeQueue(vae)
+            warm = time.perf_counter()
+            try:
+                for _ in range(2):
+                    queue_.submit(pool[:batch].to(device, non_blocking=True), None)
+                queue_.collect(0)
+            except Exception as e:  # e.g. a compiler or out-of-memory failure: report it, time the rest
+                log(f"bench-prep: {variant} at batch {batch} failed: {type(e).__name__}: {str(e)[:300]}")
+                row(stage="encode", workers="", batch=batch, variant=f"{variant} FAILED ({type(e).__name__})")
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
+            warm = time.perf_counter() - warm
+            gpu_reset()
+            queue_ = EncodeQueue(vae)
+            start = time.perf_counter()
+            for i in range(0, len(pool), batch):
+                queue_.submit(pool[i:i + batch].to(device, non_blocking=True), None)
+            queue_.collect(0)
+            seconds = time.perf_counter() - start
+            ips = len(pool) / seconds
+            row(stage="encode", workers="", batch=batch, variant=variant, seconds=seconds, img_s=ips,
+                gflop_img=flops / 1e9,
+                tflop_s=ips * flops / 1e12, gpu_gib=gpu_peak(), host_gib="", loader_wait="", gpu_wait=queue_.gpu_wait,
+                warmup_s=warm)
+            if ips > best.get(variant, (0, 0))[0]:
+                best[variant] = (ips, batch)
+    # 3. end to end: the prep's pipeline, each variant at its best batch, with each worker count
+    scratch = Path(tempfile.mkdtemp(prefix="bench-prep-", dir=args.scratch))
+    try:
+        for variant in [v for v in args.variants if v in best]:
+            batch, vae = best[variant][1], vaes[variant]
+            vae.static_batch = batch if "compile" in variant.split("+") else None
+            for workers in args.workers:
+                gpu_reset()
+                with HostMemory() as memory:
+                    stats = encode_imagenet_shards(scratch, args.src, paths, np.zeros(len(paths), np.int64), [0],
+                                                   len(paths), vae, batch, workers, args.chunk_size, args.prefetch,
+                                                   log=lambda *a: None)
+                row(stage="end-to-end", workers=workers, batch=batch, variant=variant, seconds=stats["seconds"],
+                    img_s=stats["images"] / stats["seconds"], gflop_img=flops / 1e9,
+                    tflop_s=stats["images"] * flops / stats["seconds"] / 1e12, gpu_gib=gpu_peak(),
+                    host_gib=memory.peak / 2 ** 30, loader_wait=stats["loader_wait"], gpu_wait=stats["gpu_wait"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.text_model:
+        encoder = TextEncoder(args.text_model, args.text_pretrained or None, 0, 77, args.text_overrides, str(device))
+        captions = imagenet_captions(paths, np.arange(len(paths)) % 1000, 0)[:args.text_captions]
+        encoder.encode(captions[:256])
+        gpu_reset()
+        start = time.perf_counter()
+        encoder.encode(captions)
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        row(stage="text", workers="", batch=256, variant="captions/s", seconds=seconds, img_s=len(captions) / seconds,
+            gflop_img="", tflop_s="", gpu_gib=gpu_peak(), host_gib="", loader_wait="", gpu_wait="")
+    print_bench_table(rows, log)
+    return rows
+
+
+def print_bench_table(rows, log=print):
+    """The rows as one markdown table (img/s: images, each with its flip; text rows: captions/s)."""
+    columns = ["stage", "workers", "batch", "variant", "seconds", "img_s", "gflop_img", "tflop_s", "mfu", "gpu_gib",
+               "host_gib", "loader_wait", "gpu_wait"]
+    heads = ["stage", "workers", "batch", "variant", "s", "img/s", "GFLOP/img", "TFLOP/s", "MFU", "GPU peak GiB",
+             "host peak GiB", "waited for decode s", "waited for GPU s"]
+
+    def cell(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    log("\n".join(lines))
 
 # -----------------------------------------------------------------------------
 # Autoencoders: latents <-> images
@@ -1065,6 +1712,9 @@ def prepare_imagenet(args):
     """The imagenet command, on one process or under torchrun (each rank encodes every world_size-th shard)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        torch.cuda.set_device(device)  # events, streams and pinned copies then refer to this rank's GPU
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if world_size > 1:
         import torch.distributed as dist
         dist.init_process_group("nccl" if device != "cpu" else "gloo")
@@ -1072,7 +1722,9 @@ def prepare_imagenet(args):
                 text_overrides=args.text_overrides)
     job = build_imagenet(args.src, args.out, args.vae, captions_file=args.captions, seed=args.seed,
                          shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
-                         vae_config=args.vae_config, rank=rank, world_size=world_size, device=device)
+                         vae_config=args.vae_config, rank=rank, world_size=world_size, device=device,
+                         channels_last=args.channels_last, compile=args.compile, chunk_size=args.chunk_size,
+                         prefetch=args.prefetch)
     if world_size > 1:
         dist.barrier()
     if rank == 0:
@@ -1081,6 +1733,25 @@ def prepare_imagenet(args):
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def add_prep_speed_args(p, bench=False):
+    """The prep's throughput options (the imagenet command; bench-prep takes lists of the first two)."""
+    if bench:
+        p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128, 256], help="images per encoder batch "
+                       "(each encoded with its flip: twice as many encodes)")
+        p.add_argument("--workers", type=int, nargs="+", default=[max((os.cpu_count() or 2) - 2, 1)],
+                       help="decoding worker processes")
+    else:
+        p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (x2 with the flips)")
+        p.add_argument("--workers", type=int, default=8, help="worker processes decoding and cropping images "
+                       "(0: in the main process); under torchrun, per rank")
+        p.add_argument("--channels-last", action="store_true", help="NHWC encoder weights (last-bit changes)")
+        p.add_argument("--compile", action="store_true", help="torch.compile the encoder (last-bit changes)")
+    p.add_argument("--chunk-size", type=int, default=32, help="files a worker decodes per task")
+    p.add_argument("--prefetch", type=int, default=2, help="chunks decoded ahead per worker")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False,
+                   help="let cuDNN time its convolution algorithms (GPU; may change the last bits)")
 
 
 def main(argv=None):
@@ -1103,13 +1774,37 @@ def main(argv=None):
     m.add_argument("--vae-config", type=json.loads, default=None,
                    help="JSON AutoencoderKL config: a seeded random init of it instead of --vae (tests, timing)")
     m.add_argument("--captions", default=None, help='jsonl of {"path": "n01440764/x.JPEG", "caption": "..."}')
-    m.add_argument("--text-model", default="ViT-L-14")
-    m.add_argument("--text-pretrained", default="openai", help="open_clip pretrained tag; '' for a random init")
+    m.add_argument("--text-model", default=DEFAULT_TEXT_MODEL,
+                   help="open_clip model name (or local-dir:FOLDER); OpenAI's ViT-L/14 is ViT-L-14-quickgelu")
+    m.add_argument("--text-pretrained", default="openai",
+                   help="open_clip pretrained tag or checkpoint file; '' for a random init")
     m.add_argument("--text-overrides", type=json.loads, default=None, help="JSON open_clip.create_model overrides")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shard-size", type=int, default=10_000)
-    m.add_argument("--batch-size", type=int, default=64)
-    m.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    add_prep_speed_args(m)
+    r = sub.add_parser("rehearsal", help="fabricate offline what the hubs would give: an ImageNet-layout tree "
+                       "with odd files, random-init weights of the real models in the hubs' layouts")
+    r.add_argument("--out", required=True)
+    r.add_argument("--tiny", action="store_true", help="tens of images and tiny models of the same classes (CI)")
+    r.add_argument("--images", type=int, default=None, help="regular images (default 10,000; --tiny 40)")
+    r.add_argument("--synsets", type=int, default=None, help="synset folders (default images / 100; --tiny 4)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--workers", type=int, default=None, help="processes writing images (default: one per core)")
+    b = sub.add_parser("bench-prep", help="time the imagenet prep's stages: decode, encode, end to end")
+    b.add_argument("--src", required=True, help="an ImageNet-layout folder (e.g. a rehearsal's train/)")
+    b.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder")
+    b.add_argument("--vae-config", type=json.loads, default=None, help="JSON AutoencoderKL config (random init)")
+    b.add_argument("--images", type=int, default=4096, help="files timed (the first ones, in path order)")
+    b.add_argument("--encode-images", type=int, default=1024, help="pre-decoded images for the encode-only rows")
+    b.add_argument("--variants", nargs="+", default=["eager", "channels_last", "compile"],
+                   help="encoder variants, parts joined by +: eager, channels_last, compile (e.g. compile+channels_last)")
+    b.add_argument("--device", default=None, help="default: cuda when available")
+    b.add_argument("--scratch", default=None, help="folder for the end-to-end rows' shards (default: system temp)")
+    b.add_argument("--text-model", default=None, help="also time the text features of this open_clip model")
+    b.add_argument("--text-pretrained", default="openai")
+    b.add_argument("--text-overrides", type=json.loads, default=None)
+    b.add_argument("--text-captions", type=int, default=4096)
+    add_prep_speed_args(b, bench=True)
     v = sub.add_parser("verify", help="check a shard directory against its manifest")
     v.add_argument("root")
     v.add_argument("--full", action="store_true", help="hash every byte (default: sizes + sampled sha256 windows)")
@@ -1119,6 +1814,13 @@ def main(argv=None):
                      args.text_pretrained, args.text_seed, args.text_seq_len)
     elif args.command == "imagenet":
         prepare_imagenet(args)
+    elif args.command == "rehearsal":
+        fabricate_rehearsal(args.out, args.tiny, args.images, args.synsets, args.seed, args.workers)
+    elif args.command == "bench-prep":
+        for variant in args.variants:
+            if not set(variant.split("+")) <= {"eager", "channels_last", "compile"}:
+                raise UserError(f"--variants: {variant!r} is not eager, channels_last, compile or a + of them")
+        bench_prep(args)
     elif args.command == "verify":
         dataset = ShardDataset(args.root, verify="full" if args.full else "fast")
         check = "every byte hashed" if args.full else "sizes and sampled sha256 windows; --full hashes every byte"

@@ -1,0 +1,300 @@
+"""The ImageNet rehearsal: `data.py rehearsal --tiny` fabricates offline what the hubs would give (an
+ImageNet-layout tree with odd files, random-init weights of the real model classes in the hubs' file
+layouts), and the real loaders, prep, trainer, sampler and scorer run on it unchanged.
+
+The commands of other programs (train_dit.py, evaluate.py) are built in the helpers below only.
+"""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+from conftest import REPO, run_cli
+
+SHARD_SIZE = 16  # 50 files: 4 shards, the last one short
+
+
+# -----------------------------------------------------------------------------
+# The other programs' command lines (their flags are being renamed: update them here only)
+
+
+def train_cli(data_dir, out, steps=2, batch=4):
+    """A few CPU steps of the tiny model, a checkpoint after each."""
+    return ["train_dit.py", "--preset", "imagenet-gpu", "--model", "tiny", "--data", data_dir, "--out", out,
+            "--max_steps", steps, "--batch_size", batch, "--log_every", 1, "--compile", "false",
+            "--ckpt_every_seconds", "0.0001"]
+
+
+def curve_cli(run, rehearsal, prompts):
+    """evaluate.py curve with the mask2former backend on the rehearsal's weights, from its printed flags."""
+    flags = shlex.split(rehearsal["commands"]["score_flags"])
+    flags = flags[flags.index("--backend"):]  # after `python evaluate.py curve RUN`
+    flags[flags.index("--prompts") + 1] = str(prompts)
+    return ["evaluate.py", "curve", run, *flags, "--per-tag", 1, "--images-per-prompt", 1, "--batch-size", 2,
+            "--score-batch-size", 2, "--device", "cpu"]
+
+
+def prep_args(rehearsal, out, *extra):
+    """The rehearsal's printed prep command, with this test's output folder and shard size."""
+    args = shlex.split(rehearsal["commands"]["prep"])[2:]  # after `python data.py`
+    args[args.index("--out") + 1] = str(out)
+    args[args.index("--shard-size") + 1] = str(SHARD_SIZE)
+    return ["data.py", *args, *extra]
+
+
+# -----------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rehearsal") / "r"
+    result = run_cli("data.py", "rehearsal", "--out", out, "--tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "rehearsal.json").read_text())
+    info["root"], info["stdout"] = out, result.stdout
+    return info
+
+
+@pytest.fixture(scope="module")
+def shards(rehearsal, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rehearsal_shards") / "shards"
+    result = run_cli(*prep_args(rehearsal, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Fabrication
+
+
+def test_tiny_rehearsal_has_the_imagenet_layout_and_the_odd_files(rehearsal):
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    synsets = {info.index_to_label_name(i) for i in range(info.num_classes())}
+    train = rehearsal["root"] / "train"
+    folders = sorted(p.name for p in train.iterdir())
+    assert folders == sorted(rehearsal["synsets"]) and len(folders) == 4 and set(folders) <= synsets
+    files = sorted(p for p in train.rglob("*") if p.is_file())
+    regular = [p for p in files if "_odd_" not in p.name]
+    assert len(regular) == rehearsal["images"] == 40
+    sizes = set()
+    for p in regular:
+        with Image.open(p) as image:
+            assert image.format == "JPEG" and image.mode == "RGB"
+            sizes.add(image.size)
+    assert len(sizes) > 20 and len({w > h for w, h in sizes}) == 2  # varied sizes, both orientations
+    odd = rehearsal["odd"]
+    assert sorted(odd) == sorted(p.relative_to(train).as_posix() for p in files if "_odd_" in p.name)
+    kinds = {}
+    for rel in odd:
+        try:
+            with Image.open(train / rel) as image:
+                kinds[rel.split("_odd_")[1]] = (image.format, image.mode)
+        except OSError:
+            kinds[rel.split("_odd_")[1]] = None
+    assert kinds["grey.JPEG"] == ("JPEG", "L") and kinds["cmyk.JPEG"] == ("JPEG", "CMYK")
+    assert kinds["palette_png.JPEG"] == ("PNG", "P") and kinds["rgba_png.JPEG"] == ("PNG", "RGBA")
+    assert kinds["empty.JPEG"] is None and kinds["notes.txt"] is None and kinds["html.JPEG"] is None
+    assert (train / next(r for r in odd if r.endswith("empty.JPEG"))).stat().st_size == 0
+    assert sorted(r.split("_odd_")[1] for r, e in odd.items() if e == "skipped") == [
+        "empty.JPEG", "html.JPEG", "notes.txt", "truncated.JPEG"]
+
+
+def test_weight_folders_have_the_hub_file_layouts(rehearsal):
+    w = rehearsal["weights"]
+    assert {p.name for p in (rehearsal["root"] / "weights" / "sd-vae-ft-ema").iterdir()} == {
+        "config.json", "diffusion_pytorch_model.safetensors"}
+    assert {"config.json", "model.safetensors"} <= set(os.listdir(w["detector"]))
+    config = json.loads((rehearsal["root"] / "weights" / "mask2former-swin-small-coco-instance" / "config.json")
+                        .read_text())
+    assert [config["id2label"][str(i)] for i in range(80)] == list(evaluate.COCO_CLASSES)
+    assert set(os.listdir(w["clip_folder"])) == {"open_clip_config.json", "open_clip_pytorch_model.bin"}
+    assert json.loads((rehearsal["root"] / "weights" / data.REHEARSAL_CLIP / "open_clip_config.json").read_text())[
+        "model_cfg"]["quick_gelu"] is True
+    for flag in ("--vae", "--text-model", "--detector", "--clip-model", "--clip-pretrained"):
+        assert flag in " ".join(rehearsal["commands"].values())
+    assert rehearsal["commands"]["prep"] in rehearsal["stdout"]
+
+
+def test_full_size_configs_are_the_real_architectures(tmp_path):
+    """The full rehearsal's models, built on the meta device: the parameter counts of the real checkpoints."""
+    from diffusers import AutoencoderKL
+    import open_clip
+    with torch.device("meta"):
+        vae = AutoencoderKL(**data.SD_VAE_FT_EMA)
+        clip = open_clip.create_model(data.DEFAULT_TEXT_MODEL, device="meta")
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863  # stabilityai/sd-vae-ft-ema
+    assert sum(p.numel() for p in clip.parameters()) == 427_616_513  # OpenAI ViT-L/14
+    assert clip.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"
+    commands = data.rehearsal_commands(tmp_path, tiny=False)
+    clip_file = str(tmp_path / "weights" / data.REHEARSAL_CLIP / data.OPEN_CLIP_FILE)
+    assert f"--text-pretrained {clip_file}" in commands["prep"]
+    assert f"--clip-pretrained {clip_file}" in commands["score_flags"]
+    assert "local-dir:" not in " ".join(commands.values())
+
+
+# -----------------------------------------------------------------------------
+# The pipeline's own loaders read the local folders
+
+
+def test_local_weights_load_through_the_pipelines_loaders(rehearsal):
+    from safetensors.torch import load_file
+    w = rehearsal["weights"]
+    vae = data.VAEAutoencoder(w["vae"])
+    saved = load_file(os.path.join(w["vae"], "diffusion_pytorch_model.safetensors"))
+    torch.testing.assert_close(vae.vae.encoder.conv_in.weight, saved["encoder.conv_in.weight"])
+    state = torch.load(w["clip_file"], weights_only=True)
+    # the tiny tower by its folder (what the printed commands use), and by name + overrides + checkpoint file
+    # (the path real weights take: --text-pretrained FILE)
+    overrides = {k: v for k, v in data.TINY_OPEN_CLIP.items() if k != "quick_gelu"}
+    for name, pretrained, extra in ((f"local-dir:{w['clip_folder']}", None, None),
+                                    (data.DEFAULT_TEXT_MODEL, w["clip_file"], overrides)):
+        encoder = data.TextEncoder(name, pretrained, overrides=extra)
+        torch.testing.assert_close(encoder.model.token_embedding.weight, state["token_embedding.weight"])
+        tokens, pooled = encoder.encode(["a photo of a tench."])
+        assert tokens.shape == (1, 77, 64) and pooled.shape == (1, 32)
+    detector = evaluate.load_mask2former(w["detector"], None, "cpu")
+    saved = load_file(os.path.join(w["detector"], "model.safetensors"))
+    key = next(k for k in saved if k.endswith("class_predictor.weight"))
+    torch.testing.assert_close(detector.state_dict()[key], saved[key])
+    assert detector.config.num_labels == 80
+    for name, pretrained, extra in ((f"local-dir:{w['clip_folder']}", "", None),
+                                    (data.DEFAULT_TEXT_MODEL, w["clip_file"], json.dumps(overrides))):
+        model, transform, tokenizer = evaluate.load_clip(name, pretrained, extra, "cpu")
+        torch.testing.assert_close(model.visual.conv1.weight, state["visual.conv1.weight"])
+
+
+# -----------------------------------------------------------------------------
+# Prep on the rehearsal tree
+
+
+def test_prep_lists_every_unreadable_file_with_its_reason_and_encodes_the_rest(rehearsal, shards):
+    manifest = data.read_manifest(shards)
+    odd = rehearsal["odd"]
+    skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
+    assert sorted(skipped) == sorted(p for p, expect in odd.items() if expect == "skipped")
+    assert manifest["skipped_count"] == len(skipped) == 4
+    assert all(reason.startswith("unreadable: ") for reason in skipped.values())
+    assert "truncated" in skipped[next(p for p in skipped if p.endswith("truncated.JPEG"))]
+    kept = sum(expect == "kept" for expect in odd.values())
+    assert manifest["count"] == rehearsal["images"] + kept
+    assert [s["count"] for s in manifest["shards"]] == [15, 15, 15, 1]  # 50 files, 16 per shard, 4 skipped
+    assert manifest["text"]["name"].startswith("local-dir:")
+    assert manifest["latent"]["autoencoder"] == rehearsal["weights"]["vae"]
+    data.ShardDataset(shards, verify="full")
+
+
+def reference_shard(vae, root, paths, batch_size):
+    """The prep as it was before it streamed (threads decode the whole shard, then batch by batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(data.load_imagenet_image, [root / p for p in paths]))
+    images = [image for image, _ in loaded if image is not None]
+    latents = []
+    for start in range(0, len(images), batch_size):
+        batch = np.stack(images[start:start + batch_size])
+        pair = vae.encode(np.concatenate([batch, batch[:, :, ::-1]]))
+        latents.append(torch.stack(pair.chunk(2), dim=1).numpy().astype(np.float16))
+    return np.concatenate(latents)
+
+
+def test_streamed_prep_gives_the_same_latents_as_the_old_prep(rehearsal, shards):
+    paths, _ = data.list_imagenet(rehearsal["root"] / "train")
+    vae = data.VAEAutoencoder(rehearsal["weights"]["vae"])
+    batch_size = int(shlex.split(rehearsal["commands"]["prep"])[
+        shlex.split(rehearsal["commands"]["prep"]).index("--batch-size") + 1])
+    for k in (0, 3):
+        expected = reference_shard(vae, rehearsal["root"] / "train", paths[k * SHARD_SIZE:(k + 1) * SHARD_SIZE],
+                                   batch_size)
+        stored = np.load(shards / f"shard_{k:05d}.latents.npy")
+        assert stored.dtype == expected.dtype and stored.shape == expected.shape
+        assert stored.tobytes() == expected.tobytes(), f"shard {k}"
+
+
+def test_killed_prep_resumes_at_the_first_unfinished_shard(rehearsal, shards, tmp_path):
+    out = tmp_path / "shards"
+    process = subprocess.Popen([sys.executable, *map(str, prep_args(rehearsal, out, "--workers", "1"))], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "shard_00001.done.json").exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / "shard_00001.done.json").exists() and process.poll() is None
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the prep and its decode workers, mid-shard
+        process.wait()
+    assert not (out / "manifest.json").exists()
+    result = run_cli(*prep_args(rehearsal, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shard 1/4 done" not in result.stdout and "shard 2/4 done" not in result.stdout
+    assert "shard 4/4 done" in result.stdout
+    for name in sorted(p.name for p in shards.iterdir() if p.suffix == ".npy" or p.name.endswith("done.json")):
+        assert (out / name).read_bytes() == (shards / name).read_bytes(), name
+    assert not list(out.glob("*.tmp"))
+
+
+def test_an_all_unreadable_shard_is_written_empty_and_listed(rehearsal, tmp_path):
+    src = tmp_path / "train" / rehearsal["synsets"][0]
+    src.mkdir(parents=True)
+    for i in range(3):
+        (src / f"bad_{i}.JPEG").write_bytes(b"" if i else b"not an image")
+    Image.fromarray(np.zeros((300, 260, 3), np.uint8)).save(src / "z_good.JPEG")
+    w = rehearsal["weights"]
+    result = run_cli("data.py", "imagenet", "--src", tmp_path / "train", "--out", tmp_path / "o", "--vae", w["vae"],
+                     "--text-model", f"local-dir:{w['clip_folder']}", "--text-pretrained", "", "--shard-size", 3,
+                     "--workers", 0, "--batch-size", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = data.read_manifest(tmp_path / "o")
+    assert [s["count"] for s in manifest["shards"]] == [0, 1] and manifest["skipped_count"] == 3
+
+
+# -----------------------------------------------------------------------------
+# bench-prep and the whole loop
+
+
+def test_bench_prep_prints_decode_encode_and_end_to_end_rows_on_the_cpu(rehearsal):
+    args = shlex.split(rehearsal["commands"]["bench"])[2:]
+    args = args[:args.index("--batch-sizes")] + ["--batch-sizes", "4", "--workers", "0", "1", "--variants", "eager",
+                                                 "--images", "12", "--encode-images", "8"]
+    result = run_cli("data.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    stages = [line.split("|")[1].strip() for line in table[2:]]  # after the header and the rule
+    assert stages == ["decode", "decode", "encode", "end-to-end", "end-to-end", "text"], result.stdout
+    header = [c.strip() for c in table[0].split("|")[1:-1]]
+    assert {"img/s", "GFLOP/img", "GPU peak GiB", "host peak GiB", "waited for decode s"} <= set(header)
+    for line in table[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.split("|")[1:-1])))
+        assert float(cells["img/s"].replace(",", "")) > 0
+        if cells["stage"] in ("decode", "end-to-end"):
+            assert float(cells["host peak GiB"]) > 0
+
+
+def test_whole_loop_on_the_tiny_rehearsal(rehearsal, shards, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(*train_cli(shards, run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpts = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    assert len(ckpts) == 2
+    # two of the rehearsal's GenEval prompts, the ones that use CLIP (colour) and boxes (position): on this
+    # CPU a 100-NFE sample of the tiny model takes about 10 s
+    prompts = tmp_path / "prompts.jsonl"
+    data.write_metadata(prompts, [p for p in data.read_metadata(rehearsal["root"] / "evaluation_metadata.jsonl")
+                                  if p["tag"] in ("colors", "position")])
+    result = run_cli(*curve_cli(run, rehearsal, prompts), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = json.loads((run / "curve.json").read_text())
+    points = curve["points"] if isinstance(curve, dict) else curve
+    assert len(points) == len(ckpts)
+    assert all(0 <= p["overall"] <= 1 for p in points)
