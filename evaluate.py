@@ -666,13 +666,13 @@ QWEN2_SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2-VL's template adds
 def qwen_chat_template(system=None):
     """A Jinja chat template writing Qwen's format: <|im_start|>role\\n...<|im_end|>\\n, an image as
     <|vision_start|><|image_pad|><|vision_end|>, `system` first when the conversation has no system turn."""
-    default = ("{%- if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{%- endif %}"
+    default = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{% endif %}"
                if system else "")
-    return (default + "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
-            "{%- if m['content'] is string %}{{ m['content'] }}{%- else %}{%- for part in m['content'] %}"
-            "{%- if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-            "{%- elif part['type'] == 'text' %}{{ part['text'] }}{%- endif %}{%- endfor %}{%- endif %}<|im_end|>\n"
-            "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+    return (default + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+            "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def random_qwen_tokenizer(folder, texts, vocab_size):
@@ -1667,7 +1667,7 @@ def bench_vlm(args):
     options = options_from_args(args)
     device = options.torch_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    if args.images < 2 * options.batch_size:
+    if args.metric == "hpsv3" and args.images < 2 * options.batch_size:
         raise data.UserError(f"--images {args.images}: give at least two batches (--batch-size {options.batch_size})")
     with tempfile.TemporaryDirectory() as tmp:
         if args.metric == "hpsv3":
