@@ -8,6 +8,9 @@
     python evaluate.py truth data/shapes --out truth         # ground-truth renders, for checking
     python evaluate.py geneval-prompts                       # the official 553 prompts (cached)
     python evaluate.py bench-detector --backend mask2former --random-init --device cuda
+    python evaluate.py score FOLDER --metrics geneval2          # GenEval 2 (Soft-TIFA, Qwen3-VL-8B judge)
+    python evaluate.py hpsv3-env ~/hpsv3-env                  # the hpsv3 package's own environment
+    python evaluate.py bench-vlm --metric hpsv3 --random-init --device cuda   # or --metric geneval2
 
 The rule engine follows djghosh13/geneval's evaluation: detections above a confidence threshold
 (a stricter one for counting), at most max_objects per class, optional class-wise NMS; include
