@@ -783,19 +783,21 @@ def hpsv3_score_job(job):
 
     start = clock()
     inferencer = HPSv3RewardInferencer(config_path=config_path, checkpoint_path=job["checkpoint"], device=job["device"])
-    timing = {"load_s": clock() - start, "batches": [], "tokens": []}
-    paths, prompts, size = job["image_paths"], job["prompts"], job["batch_size"]
-    with open(job["out"], "w") as out:
+    timing = {"load_s": clock() - start, "sweep": []}
+    paths, prompts = job["image_paths"], job["prompts"]
+    for size in job.get("sweep") or [job["batch_size"]]:  # timing: the images, batch after batch, at each size
+        rows, batches = [], []
         for first in range(0, len(paths), size):
             start = clock()
             with torch.no_grad():
                 rewards = inferencer.reward(image_paths=paths[first:first + size], prompts=prompts[first:first + size])
-            rewards = rewards.float().cpu().tolist()
-            timing["batches"].append([len(rewards), clock() - start])
-            for mu, sigma in rewards:  # the score is mu
-                out.write(json.dumps([mu, sigma]) + "\n")
-        batch = inferencer.prepare_batch(paths[:1], prompts[:1])  # sequence length of one image and prompt
-        timing["tokens"] = int(batch["input_ids"].shape[1])
+            rows += rewards.float().cpu().tolist()
+            batches.append([len(rewards), clock() - start])
+        timing["sweep"].append({"batch_size": size, "batches": batches})
+    with open(job["out"], "w") as out:
+        for mu, sigma in rows:  # the score is mu
+            out.write(json.dumps([mu, sigma]) + "\n")
+    timing["tokens"] = int(inferencer.prepare_batch(paths[:1], prompts[:1])["input_ids"].shape[1])  # one sequence
     Path(job["timing"]).write_text(json.dumps(timing))
 
 
@@ -821,9 +823,11 @@ def run_hpsv3(jobs, options):
             f"--hpsv3-checkpoint FILE and --hpsv3-base FOLDER")
 
 
-def hpsv3_scores(paths, prompts, options, random_init=None):
+def hpsv3_scores(paths, prompts, options, random_init=None, sweep=None):
     """([mu, sigma] of each (image path, prompt), timing) from hpsv3's HPSv3RewardInferencer under --hpsv3-python.
-    random_init=(folder, size): first build a random-init HPSv3 there (same process) and score with it."""
+    random_init=(folder, size): first build a random-init HPSv3 there (same process) and score with it; sweep:
+    batch sizes to time in turn (the model loaded once). On the CPU it runs in fp32 unless told otherwise: hpsv3
+    keeps its reward head in fp32 under CUDA autocast, which the CPU does not have."""
     with tempfile.TemporaryDirectory() as tmp:
         jobs = []
         if random_init:
@@ -835,8 +839,9 @@ def hpsv3_scores(paths, prompts, options, random_init=None):
             base = base and (str(Path(base).resolve()) if Path(base).exists() else base)  # local folder or hub id
         jobs.append({"mode": "score", "image_paths": [str(Path(p).resolve()) for p in paths], "prompts": list(prompts),
                      "out": f"{tmp}/rewards.jsonl", "timing": f"{tmp}/timing.json", "batch_size": options.batch_size,
-                     "device": str(options.torch_device()), "checkpoint": checkpoint, "base": base,
-                     "precision": options.hpsv3_precision})
+                     "device": str(options.torch_device()), "checkpoint": checkpoint, "base": base, "sweep": sweep,
+                     "precision": options.hpsv3_precision
+                     or ("fp32" if options.torch_device().type == "cpu" else None)})
         run_hpsv3(jobs, options)
         rewards = [json.loads(line) for line in Path(jobs[-1]["out"]).read_text().splitlines()]
         timing = json.loads(Path(jobs[-1]["timing"]).read_text())
@@ -1670,8 +1675,8 @@ def bench_vlm(args):
     options = options_from_args(args)
     device = options.torch_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    if args.metric == "hpsv3" and args.images < 2 * options.batch_size:
-        raise data.UserError(f"--images {args.images}: give at least two batches (--batch-size {options.batch_size})")
+    if args.metric == "hpsv3" and args.images < 2 * max(args.sweep or [options.batch_size]):
+        raise data.UserError(f"--images {args.images}: give at least two batches of the largest batch size")
     with tempfile.TemporaryDirectory() as tmp:
         if args.metric == "hpsv3":
             paths = noise_images(tmp, args.images, args.image_size)
@@ -1681,19 +1686,21 @@ def bench_vlm(args):
                 folder = Path(args.random_init_dir or data.CACHE_DIR / "random-init" / f"hpsv3-{args.size}")
                 random_init = None if (folder / "model.safetensors").exists() else (folder, args.size)
                 options.hpsv3_base, options.hpsv3_checkpoint = str(folder), str(folder / "model.safetensors")
+            sweep = args.sweep or [options.batch_size]
             start = time.perf_counter()
-            _, timing = hpsv3_scores(paths, prompts[:len(paths)], options, random_init)
+            _, timing = hpsv3_scores(paths, prompts[:len(paths)], options, random_init, sweep)
             total = time.perf_counter() - start
-            images, seconds = map(sum, zip(*timing["batches"][1:]))
-            rate = images / seconds
             print(f"hpsv3{' (random init, ' + args.size + ')' if args.random_init else ''} on {name}: {args.images} "
-                  f"images {args.image_size}x{args.image_size} (resized to 448x448 by hpsv3), batch "
-                  f"{options.batch_size}, precision {options.hpsv3_precision or 'bf16 (HPSv3_7B.yaml)'}, "
-                  f"{timing['tokens']} tokens per sequence")
-            print(f"{rate:.2f} img/s after the first batch; model load {timing['load_s']:.1f} s; whole call "
-                  f"{total:.1f} s (build, imports, load, scoring)")
-            print(f"minutes per curve point: GenEval's {GENEVAL_IMAGES} images {GENEVAL_IMAGES / rate / 60:.2f} "
-                  f"(+ load {timing['load_s'] / 60:.2f})")
+                  f"images {args.image_size}x{args.image_size} (resized to 448x448 by hpsv3), precision "
+                  f"{options.hpsv3_precision or ('fp32' if device.type == 'cpu' else 'bf16 (HPSv3_7B.yaml)')}, "
+                  f"{timing['tokens']} tokens per sequence; model load {timing['load_s']:.1f} s, whole call "
+                  f"{total:.1f} s (imports, build, load, scoring)")
+            for run in timing["sweep"]:
+                images, seconds = map(sum, zip(*run["batches"][1:]))
+                rate = images / seconds
+                print(f"batch {run['batch_size']}: {rate:.2f} img/s after the first batch; minutes per curve point: "
+                      f"GenEval's {GENEVAL_IMAGES} images {GENEVAL_IMAGES / rate / 60:.2f} (+ load "
+                      f"{timing['load_s'] / 60:.2f})")
         else:
             rows = bench_rows(args.images)
             for k, row in enumerate(rows):
@@ -1709,20 +1716,27 @@ def bench_vlm(args):
             load = time.perf_counter() - start
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            geneval2_image_rows(tmp, options)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
             n_questions = sum(len(r["vqa_list"]) for r in rows)
-            rate = len(rows) / seconds
             memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
             print(f"geneval2 judge {'random-init ' + args.size if args.random_init else options.geneval2_judge} on "
                   f"{name}: {len(rows)} prompts x 1 image {args.image_size}x{args.image_size}, {n_questions} questions, "
-                  f"batch {options.batch_size} questions, dtype {options.geneval2_dtype}{memory}")
-            print(f"{rate:.2f} prompts/s ({n_questions / seconds:.1f} questions/s); load + warm-up {load:.1f} s")
-            print(f"minutes per curve point: {GENEVAL2_PROMPTS} prompts x 1 image {GENEVAL2_PROMPTS / rate / 60:.2f}, "
-                  f"x 4 images {4 * GENEVAL2_PROMPTS / rate / 60:.2f}")
+                  f"dtype {options.geneval2_dtype}; load + warm-up {load:.1f} s{memory}")
+            for size in args.sweep or [options.batch_size]:
+                options.batch_size = size
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                geneval2_image_rows(tmp, options)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+                rate = len(rows) / seconds
+                memory = (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                          if device.type == "cuda" else "")
+                print(f"batch {size} questions: {rate:.2f} prompts/s ({n_questions / seconds:.1f} questions/s){memory}; "
+                      f"minutes per curve point: {GENEVAL2_PROMPTS} prompts x 1 image "
+                      f"{GENEVAL2_PROMPTS / rate / 60:.2f}, x 4 images {4 * GENEVAL2_PROMPTS / rate / 60:.2f}")
 
 
 # -----------------------------------------------------------------------------
@@ -1802,6 +1816,8 @@ def main(argv=None):
                    "the cache; reused when there)")
     v.add_argument("--images", type=int, default=64, help="hpsv3: images; geneval2: prompts (one image each)")
     v.add_argument("--image-size", type=int, default=512)
+    v.add_argument("--sweep", type=int, nargs="+", default=None, help="batch sizes to time in turn, the model "
+                   "loaded once (default: --batch-size)")
     add_scoring_args(v)
     h = sub.add_parser("hpsv3-prompts", help="HPDv3 benchmark files or a prompt file -> GenEval-schema jsonl")
     h.add_argument("src")
