@@ -355,6 +355,9 @@ class HPSv3RewardInferencer:
 def fake_hpsv3(tmp_path, monkeypatch):
     (tmp_path / "fakepkgs" / "hpsv3").mkdir(parents=True)
     (tmp_path / "fakepkgs" / "hpsv3" / "__init__.py").write_text(FAKE_HPSV3)
+    (tmp_path / "fakepkgs" / "hpsv3" / "config").mkdir()
+    (tmp_path / "fakepkgs" / "hpsv3" / "config" / "HPSv3_7B.yaml").write_text(
+        "model_name_or_path: Qwen/Qwen2-VL-7B-Instruct\nbf16: true\ntorch_dtype: bfloat16\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fakepkgs"))
     monkeypatch.setenv("FAKE_HPSV3_LOG", str(tmp_path / "hpsv3.log"))
     return tmp_path / "hpsv3.log"
@@ -369,7 +372,9 @@ def test_plumbing_hpsv3_fake(tmp_path, fake_hpsv3):
     assert scores == {"hpsv3": pytest.approx(np.mean([5, 7, 18])), "hpsv3/std": pytest.approx(np.std([5, 5, 7, 7, 18, 18])),
                       "hpsv3/Animals": 6.0, "hpsv3/Food": 18.0}
     log = [json.loads(line) for line in fake_hpsv3.read_text().splitlines()]
-    assert log == [{"device": "cpu", "checkpoint": "/w/HPSv3.safetensors", "config": None}, {"batch": 4}, {"batch": 2}]
+    config = log[0].pop("config")  # on the CPU: a copy of the package's config in fp32
+    assert log == [{"device": "cpu", "checkpoint": "/w/HPSv3.safetensors"}, {"batch": 4}, {"batch": 2}]
+    assert config.endswith("HPSv3.yaml") and not os.path.exists(config)  # written beside the job, then removed
     rows = [json.loads(line) for line in (folder / "hpsv3.jsonl").read_text().splitlines()]
     assert [r["hpsv3"] for r in rows] == [5.0, 5.0, 7.0, 7.0, 18.0, 18.0]
 
