@@ -864,12 +864,9 @@ def _write_imagenet_shard(root, k, latents, caption_ids, skipped):
     latents = np.concatenate(latents) if latents else np.zeros(
         (0, 2, 4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), np.float16)
     for name, array in (("latents", latents), ("captions", caption_ids.astype(np.int32))):
-        with open(f"{stem}.{name}.npy.tmp", "wb") as f:
-            np.save(f, array)
-        os.replace(f"{stem}.{name}.npy.tmp", f"{stem}.{name}.npy")
-    with open(f"{stem}.done.json.tmp", "w") as f:
-        json.dump({"count": len(latents), "skipped": skipped}, f)
-    os.replace(f"{stem}.done.json.tmp", f"{stem}.done.json")
+        atomic_write(Path(f"{stem}.{name}.npy"), lambda f: np.save(f, array))
+    done = json.dumps({"count": len(latents), "skipped": skipped}).encode()
+    atomic_write(Path(f"{stem}.done.json"), lambda f: f.write(done))
     return len(latents)
 
 

@@ -8,6 +8,9 @@
     python evaluate.py truth data/shapes --out truth         # ground-truth renders, for checking
     python evaluate.py geneval-prompts                       # the official 553 prompts (cached)
     python evaluate.py bench-detector --backend mask2former --random-init --device cuda
+    python evaluate.py score FOLDER --metrics geneval2          # GenEval 2 (Soft-TIFA, Qwen3-VL-8B judge)
+    python evaluate.py hpsv3-env ~/hpsv3-env                  # the hpsv3 package's own environment
+    python evaluate.py bench-vlm --metric hpsv3 --random-init --device cuda   # or --metric geneval2
 
 The rule engine follows djghosh13/geneval's evaluation: detections above a confidence threshold
 (a stricter one for counting), at most max_objects per class, optional class-wise NMS; include
@@ -19,19 +22,24 @@ Detector backends plug into the same engine. `shapes` is exact for the GenEval-S
 background subtraction, connected components, nearest-palette colour, and the shape whose
 template best matches the component, fitted in every box within one pixel of the component's
 extent (a shape drawn at an even size or half a pixel off the grid is still its shape); its
-confidence is that match (IoU) times colour purity.
+confidence is that match (IoU) times colour purity. A component that fits a shape of no class better
+(a class turned halfway between its poses, a ring, an L) or is over 1.6 times as long as wide is no
+detection, as a COCO detector gives no label to an object of no COCO class.
 `mask2former` is GenEval's detector stack rebuilt on transformers and open_clip (metric name
 `geneval-m2f`); `official` runs an installed djghosh13/geneval checkout on the folder (`geneval`).
 """
 import argparse
 import csv
+import hashlib
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -440,14 +448,19 @@ class Options:
     batch_size: int = 16  # images per detector / CLIP batch
     detector: str = "facebook/mask2former-swin-small-coco-instance"  # hub id or local folder
     detector_config: dict = None  # a random-init Mask2Former of this config instead (tests, timing)
-    clip_model: str = "ViT-L-14"
+    clip_model: str = "ViT-L-14-quickgelu"  # OpenAI's ViT-L/14 has QuickGELU; plain ViT-L-14 would load it wrongly
     clip_pretrained: str = "openai"  # open_clip tag or local checkpoint; None: random init
     clip_overrides: dict = None  # open_clip model kwargs (tests: a tiny tower)
     geneval_dir: str = None  # an official djghosh13/geneval checkout
     geneval_python: str = "python"  # the python of its (mmdet 2.x) environment
     geneval_model_path: str = None  # folder holding its mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth
-    hpsv3_python: str = "python"  # a python where `pip install hpsv3` is installed (its pins conflict with ours)
+    hpsv3_python: str = None  # the python of `evaluate.py hpsv3-env DIR` (default: $IMAGEGEN_SPEEDRUN_HPSV3_PYTHON)
     hpsv3_checkpoint: str = None  # local HPSv3.safetensors (default: downloaded from MizzenAI/HPSv3)
+    hpsv3_base: str = None  # its Qwen2-VL base, hub id or local folder (default: HPSv3_7B.yaml's Qwen2-VL-7B-Instruct)
+    hpsv3_precision: str = None  # bf16, fp16, fp32 (default: HPSv3_7B.yaml's, bf16)
+    geneval2_judge: str = "Qwen/Qwen3-VL-8B-Instruct"  # hub id or local folder
+    geneval2_judge_config: dict = None  # a random-init Qwen3-VL of this config instead (tests, timing)
+    geneval2_dtype: str = "auto"  # auto (the checkpoint's, bf16), bf16, fp16, fp32
 
     def torch_device(self):
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -853,47 +866,271 @@ def compare_results(path_a, path_b):
 # -----------------------------------------------------------------------------
 # HPSv3 and CLIPScore: one number per image, averaged overall and per tag (HPDv3: per category)
 
-# Runs under --hpsv3-python: the hpsv3 package pins its own transformers/torch, so it lives in its own
-# environment. Reads a job from stdin, writes one mu per image to job["out"].
-HPSV3_WORKER = """
-import json, sys
-import torch
-from hpsv3 import HPSv3RewardInferencer
-job = json.load(sys.stdin)
-kwargs = {"checkpoint_path": job["checkpoint"]} if job["checkpoint"] else {}
-inferencer = HPSv3RewardInferencer(device=job["device"], **kwargs)
-paths, prompts, size = job["image_paths"], job["prompts"], job["batch_size"]
-with open(job["out"], "w") as out:
-    for start in range(0, len(paths), size):
-        with torch.no_grad():
-            rewards = inferencer.reward(image_paths=paths[start:start + size], prompts=prompts[start:start + size])
-        for reward in rewards:  # (mu, sigma): the score is mu
-            out.write(json.dumps(float(reward[0])) + "\\n")
-"""
+# HPSv3 runs through its own package (`pip install hpsv3`), whose pins (transformers 4.45.2, trl 0.11, ...) are
+# not ours: `evaluate.py hpsv3-env DIR` makes a venv of them layered over this environment (torch, numpy, ...),
+# and this file, imported under DIR/bin/python (--hpsv3-python), does the HPSv3 side in hpsv3_job.
+HPSV3_REQUIREMENTS = Path(__file__).resolve().with_name("requirements-hpsv3.txt")
+HPSV3_WORKER = "import json, sys; sys.path.insert(0, sys.argv[1]); import evaluate; evaluate.hpsv3_job(json.load(sys.stdin))"
+HPSV3_PYTHON_ENV = "IMAGEGEN_SPEEDRUN_HPSV3_PYTHON"  # default --hpsv3-python (.ci/run sets it)
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Random-init Qwen VLMs of the real architectures (no download): HPSv3's base Qwen/Qwen2-VL-7B-Instruct and GenEval 2's
+# judge Qwen/Qwen3-VL-8B-Instruct (their config.json), and tiny ones of the same classes for tests. The tokenizer is a
+# byte-level BPE trained on the texts the model will see (Qwen's vocabulary is not shipped with any package), with
+# Qwen's special tokens; the chat template writes Qwen's format.
+QWEN2_VL_7B = dict(
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+    rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=False,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2))
+QWEN2_VL_TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=False,
+    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+    vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2))
+QWEN3_VL_8B = dict(
+    text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=5e6,
+                     max_position_embeddings=262144, vocab_size=151936,
+                     rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+    vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[8, 16, 24]),
+    tie_word_embeddings=False)
+QWEN3_VL_TINY = dict(
+    text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=5e6,
+                     max_position_embeddings=4096,
+                     rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+    vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                       spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=256,
+                       deepstack_visual_indexes=[1]),
+    tie_word_embeddings=False)
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+QWEN2_SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2-VL's template adds it; Qwen3-VL's adds none
+
+
+def qwen_chat_template(system=None):
+    """A Jinja chat template writing Qwen's format: <|im_start|>role\\n...<|im_end|>\\n, an image as
+    <|vision_start|><|image_pad|><|vision_end|>, `system` first when the conversation has no system turn."""
+    default = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + system + "<|im_end|>\n{% endif %}"
+               if system else "")
+    return (default + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+            "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for part in m['content'] %}"
+            "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+            "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def random_qwen_tokenizer(folder, texts, vocab_size):
+    """A Qwen2Tokenizer (saved to `folder`, loaded back): byte-level BPE trained on `texts`, Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+         "bos_token": None, "unk_token": None, "model_max_length": 32768, "clean_up_tokenization_spaces": False}))
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def qwen_token_ids(tokenizer):
+    """The config fields naming the tokenizer's vision and end-of-text tokens."""
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return ids, {"bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                 "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                 "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+
+
+def hpsv3_package_config():
+    """HPSv3's own model/training config (the YAML its inferencer reads by default) and its path."""
+    import hpsv3
+    import yaml
+    path = Path(hpsv3.__file__).parent / "config" / "HPSv3_7B.yaml"
+    return yaml.safe_load(path.read_text()), path
+
+
+def build_random_hpsv3(folder, size="tiny", seed=0):
+    """(Under --hpsv3-python.) A random-init HPSv3 of the real classes, as the package loads it: `folder` holds a
+    Qwen2-VL base (config, processor, tokenizer; HPSv3's `model_name_or_path`) whose model.safetensors is also the
+    HPSv3 checkpoint: hpsv3's Qwen2VLRewardModelBT with its rm_head and the embeddings resized for <|Reward|>."""
+    from hpsv3.dataset.data_collator_qwen import INSTRUCTION, prompt_with_special_token
+    from hpsv3.model.qwen2vl_trainer import Qwen2VLRewardModelBT
+    from transformers import Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor
+    folder = Path(folder)
+    texts = [INSTRUCTION, prompt_with_special_token, QWEN2_SYSTEM_PROMPT, "user assistant system"]
+    tokenizer = random_qwen_tokenizer(folder, texts, 4000 if size == "7b" else 1000)
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14,
+                                            merge_size=2, temporal_patch_size=2)  # Qwen2-VL's; OpenAI CLIP mean/std
+    Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                     chat_template=qwen_chat_template(QWEN2_SYSTEM_PROMPT)).save_pretrained(folder)
+    vision_ids, text_ids = qwen_token_ids(tokenizer)
+    # hpsv3 adds <|Reward|> to the tokenizer when it loads, then resizes the embeddings to the tokenizer's length
+    config = Qwen2VLConfig(**(QWEN2_VL_7B if size == "7b" else QWEN2_VL_TINY), **vision_ids, **text_ids,
+                           vocab_size=len(tokenizer) + 1)
+    package, _ = hpsv3_package_config()
+    dtype = torch.bfloat16 if size == "7b" else torch.float32
+    config.torch_dtype = dtype
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    default_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen2VLRewardModelBT(config, output_dim=package["output_dim"], reward_token=package["reward_token"],
+                                         special_token_ids=[len(tokenizer)], rm_head_type=package["rm_head_type"],
+                                         rm_head_kwargs=package.get("rm_head_kwargs"))
+        finally:
+            torch.set_default_dtype(default_dtype)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="1000GB")  # one file: the checkpoint
+    return folder / "model.safetensors"
+
+
+def hpsv3_job(jobs):
+    """(Under --hpsv3-python.) Each job in turn: build a random-init HPSv3 folder, or score images with hpsv3's own
+    HPSv3RewardInferencer: one [mu, sigma] per image to job["out"], load and per-batch seconds to job["timing"]."""
+    for job in jobs:
+        if job["mode"] == "build":
+            build_random_hpsv3(job["folder"], job["size"], job.get("seed", 0))
+        else:
+            hpsv3_score_job(job)
+
+
+def hpsv3_score_job(job):
+    from hpsv3 import HPSv3RewardInferencer
+    config_path = None  # the package's HPSv3_7B.yaml, unless the base model or the precision is overridden
+    if job["base"] or job["precision"]:
+        import yaml
+        config, _ = hpsv3_package_config()
+        if job["base"]:
+            config["model_name_or_path"] = job["base"]
+        if job["precision"]:
+            config.update(bf16=job["precision"] == "bf16", fp16=job["precision"] == "fp16",
+                          torch_dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[job["precision"]])
+        config_path = str(Path(job["out"]).with_name("HPSv3.yaml"))
+        Path(config_path).write_text(yaml.safe_dump(config))
+    device = torch.device(job["device"])
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    start = clock()
+    inferencer = HPSv3RewardInferencer(config_path=config_path, checkpoint_path=job["checkpoint"], device=job["device"])
+    timing = {"load_s": clock() - start, "sweep": []}
+    paths, prompts = job["image_paths"], job["prompts"]
+    for size in job.get("sweep") or [job["batch_size"]]:  # timing: the images, batch after batch, at each size
+        rows, batches = [], []
+        for first in range(0, len(paths), size):
+            start = clock()
+            with torch.no_grad():
+                rewards = inferencer.reward(image_paths=paths[first:first + size], prompts=prompts[first:first + size])
+            rows += rewards.float().cpu().tolist()
+            batches.append([len(rewards), clock() - start])
+        timing["sweep"].append({"batch_size": size, "batches": batches})
+    with open(job["out"], "w") as out:
+        for mu, sigma in rows:  # the score is mu
+            out.write(json.dumps([mu, sigma]) + "\n")
+    timing["tokens"] = int(inferencer.prepare_batch(paths[:1], prompts[:1])["input_ids"].shape[1])  # one sequence
+    Path(job["timing"]).write_text(json.dumps(timing))
+
+
+def hpsv3_python(options):
+    return options.hpsv3_python or os.environ.get(HPSV3_PYTHON_ENV) or "python"
+
+
+def run_hpsv3(jobs, options):
+    """Run hpsv3_job under --hpsv3-python; a failure is one UserError saying how to install and download."""
+    python = hpsv3_python(options)
+    try:
+        result = subprocess.run([python, "-c", HPSV3_WORKER, str(Path(__file__).resolve().parent)],
+                                input=json.dumps(jobs), text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise UserError(f"--hpsv3-python {python}: cannot run ({e.strerror or e})") from None
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise UserError(
+            f"HPSv3 under {python} failed ({last[:200]}); it needs the hpsv3 package and its pins in that "
+            f"environment (`python evaluate.py hpsv3-env DIR`, then --hpsv3-python DIR/bin/python) and the weights "
+            f"MizzenAI/HPSv3 and Qwen/Qwen2-VL-7B-Instruct: on a machine with network run `hf download "
+            f"MizzenAI/HPSv3` and `hf download Qwen/Qwen2-VL-7B-Instruct` (then HF_HUB_OFFLINE=1), or pass "
+            f"--hpsv3-checkpoint FILE and --hpsv3-base FOLDER")
+
+
+def hpsv3_scores(paths, prompts, options, random_init=None, sweep=None):
+    """([mu, sigma] of each (image path, prompt), timing) from hpsv3's HPSv3RewardInferencer under --hpsv3-python.
+    random_init=(folder, size): first build a random-init HPSv3 there (same process) and score with it; sweep:
+    batch sizes to time in turn (the model loaded once). On the CPU it runs in fp32 unless told otherwise: hpsv3
+    keeps its reward head in fp32 under CUDA autocast, which the CPU does not have."""
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = []
+        if random_init:
+            folder = Path(random_init[0]).resolve()
+            jobs.append({"mode": "build", "folder": str(folder), "size": random_init[1]})
+            base, checkpoint = str(folder), str(folder / "model.safetensors")
+        else:
+            base, checkpoint = options.hpsv3_base, options.hpsv3_checkpoint
+            base = base and (str(Path(base).resolve()) if Path(base).exists() else base)  # local folder or hub id
+        jobs.append({"mode": "score", "image_paths": [str(Path(p).resolve()) for p in paths], "prompts": list(prompts),
+                     "out": f"{tmp}/rewards.jsonl", "timing": f"{tmp}/timing.json", "batch_size": options.batch_size,
+                     "device": str(options.torch_device()), "checkpoint": checkpoint, "base": base, "sweep": sweep,
+                     "precision": options.hpsv3_precision
+                     or ("fp32" if options.torch_device().type == "cpu" else None)})
+        run_hpsv3(jobs, options)
+        rewards = [json.loads(line) for line in Path(jobs[-1]["out"]).read_text().splitlines()]
+        timing = json.loads(Path(jobs[-1]["timing"]).read_text())
+    if len(rewards) != len(paths):
+        raise UserError(f"HPSv3 under {hpsv3_python(options)}: {len(rewards)} scores for {len(paths)} images")
+    return rewards, timing
 
 
 def hpsv3_values(paths, prompts, options):
-    """HPSv3 mu of each (image path, prompt), computed in a subprocess under options.hpsv3_python."""
-    with tempfile.TemporaryDirectory() as tmp:
-        job = {"image_paths": [str(Path(p).resolve()) for p in paths], "prompts": prompts, "out": f"{tmp}/mu.jsonl",
-               "batch_size": options.batch_size, "device": str(options.torch_device()),
-               "checkpoint": options.hpsv3_checkpoint}
-        try:
-            result = subprocess.run([options.hpsv3_python, "-c", HPSV3_WORKER], input=json.dumps(job), text=True,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        except OSError as e:
-            raise UserError(f"--hpsv3-python {options.hpsv3_python}: cannot run ({e.strerror or e})") from None
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise UserError(
-                f"HPSv3 under {options.hpsv3_python} failed ({last[:200]}); it needs `pip install hpsv3` in that "
-                f"environment (--hpsv3-python) and the weights MizzenAI/HPSv3 and Qwen/Qwen2-VL-7B-Instruct: on a "
-                f"machine with network run `hf download MizzenAI/HPSv3` and `hf download Qwen/Qwen2-VL-7B-Instruct` "
-                f"(then HF_HUB_OFFLINE=1), or pass --hpsv3-checkpoint PATH")
-        values = [json.loads(line) for line in Path(job["out"]).read_text().splitlines()]
-    if len(values) != len(paths):
-        raise UserError(f"HPSv3 under {options.hpsv3_python}: {len(values)} scores for {len(paths)} images")
-    return values
+    """HPSv3 mu of each (image path, prompt)."""
+    return [mu for mu, _ in hpsv3_scores(paths, prompts, options)[0]]
+
+
+def hpsv3_random_init(folder, size, options):
+    """A random-init HPSv3 folder (see build_random_hpsv3); returns (base folder, checkpoint) for Options."""
+    folder = Path(folder).resolve()
+    run_hpsv3([{"mode": "build", "folder": str(folder), "size": size}], options)
+    return str(folder), str(folder / "model.safetensors")
+
+
+def make_hpsv3_env(folder, wheels=None):
+    """A venv for the hpsv3 package: requirements-hpsv3.txt (installed without dependencies: every one is pinned
+    there) in its own site-packages, this environment's (torch, torchvision, numpy, ...) behind them."""
+    import sysconfig
+    folder = Path(folder).resolve()
+    stamp = hashlib.sha256(HPSV3_REQUIREMENTS.read_bytes() + sys.executable.encode()).hexdigest()
+    if (folder / "requirements.sha256").exists() and (folder / "requirements.sha256").read_text() == stamp:
+        return folder / "bin" / "python"  # made already, from these requirements over this environment
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(folder)], check=True)
+        python = folder / "bin" / "python"
+        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        parents = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+        (Path(site) / "imagegen_speedrun_parent.pth").write_text(
+            "".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-r", str(HPSV3_REQUIREMENTS)]
+                       + (["--no-index", "--find-links", str(wheels)] if wheels else []), check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise UserError(f"hpsv3 environment {folder}: {e}") from None
+    (folder / "requirements.sha256").write_text(stamp)
+    return python
 
 
 def clipscore_values(paths, prompts, options):
@@ -910,7 +1147,8 @@ SCALAR_METRICS = {"hpsv3": hpsv3_values, "clipscore": clipscore_values}
 
 
 def score_scalar_metric(folder, metric, options=None, out=None):
-    """Write <metric>.jsonl (one row per image) and <metric>.json; return {metric: mean, metric/tag: mean}."""
+    """Write <metric>.jsonl (one row per image) and <metric>.json; return {metric: mean, metric/std: standard
+    deviation over the images, metric/tag: mean}."""
     entries = [(metadata, path) for _, metadata, paths in read_sample_folder(folder) for path in paths]
     values = SCALAR_METRICS[metric]([path for _, path in entries], [m["prompt"] for m, _ in entries],
                                     options or Options())
@@ -923,19 +1161,22 @@ def score_scalar_metric(folder, metric, options=None, out=None):
     tags = {}
     for (metadata, _), value in zip(entries, values):
         tags.setdefault(metadata["tag"], []).append(value)
-    scores = {metric: float(np.mean(values)), **{f"{metric}/{t}": float(np.mean(v)) for t, v in sorted(tags.items())}}
+    scores = {metric: float(np.mean(values)), f"{metric}/std": float(np.std(values)),
+              **{f"{metric}/{t}": float(np.mean(v)) for t, v in sorted(tags.items())}}
     (out / f"{metric}.json").write_text(json.dumps({"images": len(values), **scores}, indent=1))
     return scores
 
 
 def score_metrics(folder, metrics, backend="shapes", options=None, out=None):
-    """The curve columns of one sample folder: GenEval's task scores (with the metric's name) and the
-    scalar metrics' means."""
+    """The curve columns of one sample folder: GenEval's task scores (with the metric's name), the scalar
+    metrics' means and GenEval 2's Soft-TIFA."""
     columns = {}
     for metric in metrics:
         if metric == "geneval":
             columns.update(geneval_metric=GENEVAL_METRICS[backend],
                            **score_folder(folder, backend, options=options, out=out))
+        elif metric == "geneval2":
+            columns.update(score_geneval2(folder, options, out))
         else:
             columns.update(score_scalar_metric(folder, metric, options, out))
     return columns
@@ -979,15 +1220,236 @@ def read_prompt_file(path):
 
 
 # -----------------------------------------------------------------------------
+# GenEval 2 (Kamath et al. 2025, arXiv 2512.16853; facebookresearch/GenEval2): 800 prompts of 3 to 10 atoms, each
+# with VQA questions, judged by Qwen3-VL-8B-Instruct and scored by Soft-TIFA. Each question is asked alone with
+# the image ("<question> Answer in one word."); its soft score is the judge's next-token probability of the
+# answer, summed over the answer's spellings (first token of each: Yes/yes/" yes"/" Yes"; for "How many": the
+# number word, capitalised, each with a leading space, and its digits). An image's Soft-TIFA AM is the arithmetic
+# mean of its questions' scores (atom level), its GM the geometric mean (prompt level); each is averaged over the
+# images, x100. `geneval2` is the GM (the repository's headline), `geneval2/am` the AM, `geneval2/<skill>` the
+# mean score of that skill's questions (pooled), `geneval2/atoms_<n>` the GM over the prompts of n atoms.
+
+GENEVAL2_COMMIT = "a6e82d2289e8d418f27f0adee77908b07060eea3"
+GENEVAL2_URL = f"https://raw.githubusercontent.com/facebookresearch/GenEval2/{GENEVAL2_COMMIT}/geneval2_data.jsonl"
+GENEVAL2_SHA256 = "09233adbc9f877fba205f1a20efa4a8640e7e62a91dfd55893562bed8a928e43"  # 800 prompts, 6012 questions
+GENEVAL2_SKILLS = ("object", "attribute", "count", "position", "verb")
+YES_SPELLINGS = ("Yes", "yes", " yes", " Yes")
+NUMBER_DIGITS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
+                 "eight": "8", "nine": "9", "ten": "10"}
+
+
+def geneval2_data_path():
+    """GenEval 2's geneval2_data.jsonl (CC BY-NC 4.0), downloaded into the cache on first use, sha256-checked."""
+    path = data.CACHE_DIR / "geneval2" / "geneval2_data.jsonl"
+    if not path.exists():
+        try:
+            with urllib.request.urlopen(GENEVAL2_URL, timeout=30) as response:
+                body = response.read()
+        except OSError as e:
+            raise UserError(f"GenEval 2 data: cannot download {GENEVAL2_URL} ({e}); download it on a machine "
+                                 f"with network to {path}, or pass --prompts PATH") from None
+        if hashlib.sha256(body).hexdigest() != GENEVAL2_SHA256:
+            raise UserError(f"GenEval 2 data: {GENEVAL2_URL} is not the official 800-prompt file (sha256 "
+                                 f"differs); pass --prompts PATH")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_bytes(body)
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def geneval2_prompt_rows(path):
+    """GenEval 2 rows as GenEval-schema prompts for the sampler: tag atoms_<n>, the questions kept with them."""
+    rows = []
+    for where, row in data.read_jsonl(path):
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("vqa_list"), list)
+                and isinstance(row.get("skills"), list) and len(row["skills"]) == len(row["vqa_list"])
+                and isinstance(row.get("atom_count"), int)):
+            raise UserError(f"{where}: not a GenEval 2 row (prompt, atom_count, vqa_list, skills)")
+        rows.append({"tag": f"atoms_{row['atom_count']}", "prompt": row["prompt"], "include": [],
+                     "atom_count": row["atom_count"], "vqa_list": row["vqa_list"], "skills": row["skills"]})
+    if not rows:
+        raise UserError(f"{path}: no prompts")
+    return rows
+
+
+def geneval2_prompts_path():
+    """The 800 prompts in GenEval's schema (made from the cached geneval2_data.jsonl), for the sampler."""
+    path = data.CACHE_DIR / "geneval2" / "geneval2_prompts.jsonl"
+    if not path.exists():
+        data.write_metadata(path, geneval2_prompt_rows(geneval2_data_path()))
+    return path
+
+
+def answer_spellings(question, answer):
+    """The strings whose first tokens' probabilities make a question's soft score (GenEval 2's evaluation.py)."""
+    if question.startswith("How many"):
+        digits = NUMBER_DIGITS.get(answer, "other")
+        return [answer, answer.capitalize(), " " + answer, " " + answer.capitalize(), digits, " " + digits]
+    return list(YES_SPELLINGS)
+
+
+def soft_tifa(scores):
+    """(AM, GM) of one image's question scores; the GM is 0 when a score is 0 (as scipy's gmean)."""
+    scores = np.asarray(scores, np.float64)
+    gm = 0.0 if (scores <= 0).any() else float(np.exp(np.log(scores).mean()))
+    return float(scores.mean()), gm
+
+
+def summarize_geneval2(rows):
+    """Curve columns from per-image rows {"scores", "skills", "atom_count"}: x100, see the section's comment."""
+    am, gm = zip(*(soft_tifa(r["scores"]) for r in rows))
+    columns = {"geneval2": 100 * float(np.mean(gm)), "geneval2/am": 100 * float(np.mean(am))}
+    for skill in GENEVAL2_SKILLS:
+        pooled = [s for r in rows for s, k in zip(r["scores"], r["skills"]) if k == skill]
+        if pooled:
+            columns[f"geneval2/{skill}"] = 100 * float(np.mean(pooled))
+    for n in sorted({r["atom_count"] for r in rows}):
+        columns[f"geneval2/atoms_{n}"] = 100 * float(np.mean([g for g, r in zip(gm, rows) if r["atom_count"] == n]))
+    return columns
+
+
+def random_qwen3vl_processor(folder, texts, vocab_size=4000):
+    """A Qwen3-VL processor (Qwen3-VL's image and video processors, a random tokenizer trained on `texts`)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    tokenizer = random_qwen_tokenizer(folder, texts, vocab_size)
+    image_processor = Qwen2VLImageProcessor(  # Qwen3-VL's preprocessor_config: 16 px patches, merge 2
+        patch_size=16, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 65536, "longest_edge": 16777216},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                            video_processor=Qwen3VLVideoProcessor(), chat_template=qwen_chat_template())
+
+
+def random_qwen3vl(config, processor, dtype=torch.bfloat16, device="cpu", seed=0):
+    """A random-init Qwen3VLForConditionalGeneration of `config` (a dict) whose token ids are the processor's."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    vision_ids, text_ids = qwen_token_ids(processor.tokenizer)
+    config = json.loads(json.dumps(config))
+    config["text_config"].setdefault("vocab_size", len(processor.tokenizer))
+    config["text_config"].update(text_ids)
+    default_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config, **vision_ids))
+        finally:
+            torch.set_default_dtype(default_dtype)
+    model.generation_config.pad_token_id = text_ids["pad_token_id"]
+    return model
+
+
+def save_random_qwen3vl(folder, config, texts=None, dtype=torch.float32):
+    """A random-init Qwen3-VL judge saved like a hub checkpoint (model, processor, tokenizer) to `folder`."""
+    processor = random_qwen3vl_processor(folder, texts or judge_tokenizer_texts())
+    processor.save_pretrained(folder)
+    random_qwen3vl(config, processor, dtype).save_pretrained(folder)
+    return str(folder)
+
+
+def judge_tokenizer_texts():
+    """What a random-init judge's tokenizer is trained on: GenEval 2's question forms over COCO's classes and
+    GenEval's colours, the answers' spellings."""
+    words = [*COCO_CLASSES, *COLOR_NAMES, *NUMBER_DIGITS, *NUMBER_DIGITS.values(), *YES_SPELLINGS, "No", "plastic",
+             "wooden", "metal", "left", "right", "front", "behind", "above", "below", "on", "of", "the"]
+    return [f"How many {w} are in the image? Are there any {w} in the image? Are the {w} {c}? Is the {w} on the "
+            f"left of the {c}? Answer in one word." for w in words for c in (*COLOR_NAMES, "plastic")]
+
+
+@lru_cache(maxsize=1)
+def load_judge(name, config_json, device, dtype):
+    """(model, processor) of the GenEval 2 judge: a hub id or local folder, or random init of a config (JSON).
+    dtype: auto (the checkpoint's: bf16), bf16, fp16, fp32."""
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    if config_json is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            processor = random_qwen3vl_processor(tmp, judge_tokenizer_texts())
+        model = random_qwen3vl(json.loads(config_json), processor, TORCH_DTYPES.get(dtype, torch.bfloat16), device)
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+            model = Qwen3VLForConditionalGeneration.from_pretrained(name, dtype=TORCH_DTYPES.get(dtype, "auto"))
+        except (OSError, ValueError) as e:
+            raise weights_error("GenEval 2 judge", name, e, f"on a machine with network run `hf download {name}` "
+                                f"(then set HF_HUB_OFFLINE=1 here) or pass --geneval2-judge PATH") from None
+    processor.tokenizer.padding_side = "left"  # the next token follows every question's last token
+    return model.to(device).eval().requires_grad_(False), processor
+
+
+def judge_probabilities(questions, options):
+    """Soft score of each (image path, question, answer): the judge's probability of the answer's first tokens
+    after "<question> Answer in one word.", greedy, one new token (as GenEval 2's evaluation.py); batched."""
+    model, processor = load_judge(options.geneval2_judge, json.dumps(options.geneval2_judge_config)
+                                  if options.geneval2_judge_config else None, str(options.torch_device()),
+                                  options.geneval2_dtype)
+    encode = processor.tokenizer.encode
+    scores = []
+    for first in range(0, len(questions), options.batch_size):
+        batch = questions[first:first + options.batch_size]
+        images = {path: Image.open(path).convert("RGB") for path, _, _ in batch}
+        conversations = [[{"role": "user", "content": [{"type": "image", "image": images[path]},
+                                                       {"type": "text", "text": f"{question} Answer in one word."}]}]
+                         for path, question, _ in batch]
+        inputs = processor.apply_chat_template(conversations, tokenize=True, add_generation_prompt=True,
+                                               return_dict=True, return_tensors="pt",
+                                               processor_kwargs={"padding": True}).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+        probs = out.scores[0].float().softmax(-1).cpu()
+        for p, (_, question, answer) in zip(probs, batch):
+            ids = [encode(s, add_special_tokens=False)[0] for s in answer_spellings(question, answer)]
+            scores.append(float(p[ids].sum()))  # a token spelled twice counts twice, as in GenEval 2's sum
+    return scores
+
+
+def geneval2_image_rows(folder, options):
+    """One row per image of a folder sampled from GenEval 2's prompts: its question scores and the prompt's data."""
+    entries = read_sample_folder(folder)
+    for _, metadata, _ in entries:
+        if "vqa_list" not in metadata:
+            raise UserError(f"{folder}: prompt {metadata['prompt']!r} has no GenEval 2 questions (sample "
+                                 f"GenEval 2's prompts: `evaluate.py geneval2-prompts`)")
+    questions, rows = [], []
+    for _, metadata, paths in entries:
+        for path in paths:
+            questions += [(path, q, a) for q, a in metadata["vqa_list"]]
+            rows.append({"filename": str(path), "prompt": metadata["prompt"], "atom_count": metadata["atom_count"],
+                         "skills": metadata["skills"]})
+    scores = judge_probabilities(questions, options)
+    for row in rows:
+        row["scores"], scores = scores[:len(row["skills"])], scores[len(row["skills"]):]
+    return rows
+
+
+def score_geneval2(folder, options=None, out=None):
+    """Write geneval2.jsonl (one row per image: question scores, AM, GM) and geneval2.json; return the columns."""
+    options = options or Options()
+    rows = geneval2_image_rows(folder, options)
+    out = Path(out or folder)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "geneval2.jsonl", "w") as f:
+        for row in rows:
+            am, gm = soft_tifa(row["scores"])
+            f.write(json.dumps({**row, "am": am, "gm": gm}) + "\n")
+    columns = summarize_geneval2(rows)
+    judge = "random-init " + options.geneval2_judge if options.geneval2_judge_config else options.geneval2_judge
+    (out / "geneval2.json").write_text(json.dumps({"images": len(rows), "judge": judge, **columns}, indent=1))
+    return columns
+
+
+# -----------------------------------------------------------------------------
 # Curves: score every checkpoint of a run, against training-clock seconds
 
 CLOCK_FIELDS = ["train_seconds", "step", "images_seen"]
 GENEVAL_COLUMNS = [*data.TAGS, "overall"]
 
 
+PANEL_METRICS = (*SCALAR_METRICS, "geneval2")  # a panel each on the curve's figure, beside GenEval's overall
+
+
 def metric_columns(point):
-    """A curve point's metric columns: GenEval's (with its metric's name), then the scalar metrics'."""
-    return [k for k in point if k in GENEVAL_COLUMNS or k == "geneval_metric" or k.split("/")[0] in SCALAR_METRICS]
+    """A curve point's metric columns: GenEval's (with its metric's name), then the other metrics'."""
+    return [k for k in point if k in GENEVAL_COLUMNS or k == "geneval_metric" or k.split("/")[0] in PANEL_METRICS]
 
 
 def write_curve(run, points, name="curve", title=None):
@@ -1014,7 +1476,7 @@ def plot_run(points, path, title):
     """One run's curve: GenEval's overall score (bold) and each task against the training clock, then a panel
     per scalar metric (hpsv3, clipscore) if scored."""
     plt = pyplot()
-    scalars = [c for c in metric_columns(points[-1]) if c in SCALAR_METRICS]
+    scalars = [c for c in metric_columns(points[-1]) if c in PANEL_METRICS]
     fig, axes = plt.subplots(1 + len(scalars), 1, figsize=(7, 4.2 + 2.6 * len(scalars)), dpi=120, sharex=True,
                              squeeze=False)
     seconds = [p["train_seconds"] for p in points]
@@ -1066,31 +1528,46 @@ def plot_curves(runs, path, metrics=("overall",), target=None, title=None):
 
 
 def curve(args):
-    """Sample (unless --from-samples) and score every checkpoint of a run; rewrite the curve after each."""
+    """Sample (unless --from-samples) and score every checkpoint of a run; rewrite the curve after each.
+
+    GenEval 2 judges its own 800 prompts: with other metrics, its samples go to <samples>-geneval2."""
     options = options_from_args(args)
     ckpts = sample.checkpoints_of(args.run)
-    sampler = None
-    if not args.from_samples:
-        if "geneval" in args.metrics and args.backend != "shapes" and not args.prompts:
-            args.prompts = str(data.geneval_prompts_path())  # the COCO detectors judge GenEval's own prompts
-        sampler = sample.sampler_from_args(args, ckpts[0])
+    others = [m for m in args.metrics if m != "geneval2"]
+    passes = []  # (sample folder name, metrics, prompts)
+    if others:
+        prompts = args.prompts
+        if "geneval" in others and args.backend != "shapes" and not prompts and not args.from_samples:
+            prompts = str(data.geneval_prompts_path())  # the COCO detectors judge GenEval's own prompts
+        passes.append((args.samples, others, prompts))
+    if "geneval2" in args.metrics:
+        prompts = None if args.from_samples else (args.prompts if not others and args.prompts
+                                                  else str(geneval2_prompts_path()))
+        passes.append((f"{args.samples}-geneval2" if others else args.samples, ["geneval2"], prompts))
+    samplers = [None if args.from_samples else sample.sampler_from_args(argparse.Namespace(**{**vars(args),
+                "prompts": prompts}), ckpts[0]) for _, _, prompts in passes]
     rank = sample.distributed()[0]
     title = run_title(args.run)
     points = []
     for ckpt_path in ckpts:
-        out = Path(args.run) / args.samples / ckpt_path.stem
-        if sampler is not None:
-            info = sampler.run(ckpt_path, out)
-        elif (out / "sampling.json").exists():
-            info = json.loads((out / "sampling.json").read_text())
-        else:
-            raise UserError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
-        if rank != 0:  # under torchrun, rank 0 scores what the ranks sampled
+        point = {}
+        for (samples, metrics, _), sampler in zip(passes, samplers):
+            out = Path(args.run) / samples / ckpt_path.stem
+            if sampler is not None:
+                info = sampler.run(ckpt_path, out)
+            elif (out / "sampling.json").exists():
+                info = json.loads((out / "sampling.json").read_text())
+            else:
+                raise UserError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
+            if rank != 0:  # under torchrun, rank 0 scores what the ranks sampled
+                continue
+            point = {**info, **point, **score_metrics(out, metrics, args.backend, options),
+                     "samples" if samples == args.samples else "samples_geneval2": str(out)}
+        if rank != 0:
             continue
-        scores = score_metrics(out, args.metrics, args.backend, options)
-        points.append({**info, **scores, "samples": str(out)})
-        tqdm.write(f"{ckpt_path.name}: {info['train_seconds']:.1f} s  "
-                   + "  ".join(f"{k} {v:.3f}" for k, v in scores.items() if isinstance(v, float)))
+        points.append(point)
+        tqdm.write(f"{ckpt_path.name}: {point['train_seconds']:.1f} s  "
+                   + "  ".join(f"{k} {v:.3f}" for k, v in point.items() if isinstance(v, float) and k in metric_columns(point)))
         write_curve(args.run, points, args.curve, title)
     if rank == 0:
         print(f"curve: {Path(args.run) / args.curve}.png  table: {Path(args.run) / args.curve}.csv")
@@ -1162,6 +1639,111 @@ def bench_detector(args):
 
 
 # -----------------------------------------------------------------------------
+# Throughput of the VLM metrics: HPSv3 (img/s) and GenEval 2's judge (prompts/s), random-init real-size models
+
+GENEVAL_IMAGES = 553 * 4  # a GenEval curve point: its 553 prompts, 4 images each
+GENEVAL2_PROMPTS = 800
+
+
+def noise_images(folder, n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k in range(n):
+        paths.append(Path(folder) / f"{k:05d}.png")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def bench_rows(n):
+    """n GenEval 2 prompts for timing: the cached official ones, else rows of its shape (7 or 8 questions each,
+    6012 / 800 = 7.5 on average; counting and yes/no questions)."""
+    path = data.CACHE_DIR / "geneval2" / "geneval2_data.jsonl"
+    if path.exists():
+        rows = geneval2_prompt_rows(path)
+        return [rows[k % len(rows)] for k in range(n)]
+    made = []
+    for k in range(n):
+        vqa = [["How many cows are in the image?", "three"], ["Are the cows plastic?", "Yes"],
+               ["Are there any cows in the image?", "Yes"], ["Are the bicycles in front of the cows?", "Yes"],
+               ["How many bicycles are in the image?", "four"], ["Are the bicycles white?", "Yes"],
+               ["Are there any bicycles in the image?", "Yes"], ["Is the dog on the left of the cows?", "Yes"]][:7 + k % 2]
+        made.append({"tag": "atoms_7", "prompt": "four white bicycles in front of three plastic cows", "include": [],
+                     "atom_count": 7, "vqa_list": vqa, "skills": ["count", "attribute", "object", "position", "count",
+                                                                  "attribute", "object", "position"][:len(vqa)]})
+    return made
+
+
+def bench_vlm(args):
+    """Random-init (or given) weights at the real sizes: HPSv3 img/s, GenEval 2 prompts/s, and minutes per curve
+    point. The first batch is a warm-up (kernels, allocator) and is not timed."""
+    options = options_from_args(args)
+    device = options.torch_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.metric == "hpsv3" and args.images < 2 * max(args.sweep or [options.batch_size]):
+        raise UserError(f"--images {args.images}: give at least two batches of the largest batch size")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.metric == "hpsv3":
+            paths = noise_images(tmp, args.images, args.image_size)
+            prompts = [f"a photo of {n} cats on a red sofa" for n in ("two", "three", "four", "five")] * args.images
+            random_init = None
+            if args.random_init:
+                folder = Path(args.random_init_dir or data.CACHE_DIR / "random-init" / f"hpsv3-{args.size}")
+                random_init = None if (folder / "model.safetensors").exists() else (folder, args.size)
+                options.hpsv3_base, options.hpsv3_checkpoint = str(folder), str(folder / "model.safetensors")
+            sweep = args.sweep or [options.batch_size]
+            start = time.perf_counter()
+            _, timing = hpsv3_scores(paths, prompts[:len(paths)], options, random_init, sweep)
+            total = time.perf_counter() - start
+            print(f"hpsv3{' (random init, ' + args.size + ')' if args.random_init else ''} on {name}: {args.images} "
+                  f"images {args.image_size}x{args.image_size} (resized to 448x448 by hpsv3), precision "
+                  f"{options.hpsv3_precision or ('fp32' if device.type == 'cpu' else 'bf16 (HPSv3_7B.yaml)')}, "
+                  f"{timing['tokens']} tokens per sequence; model load {timing['load_s']:.1f} s, whole call "
+                  f"{total:.1f} s (imports, build, load, scoring)")
+            for run in timing["sweep"]:
+                images, seconds = map(sum, zip(*run["batches"][1:]))
+                rate = images / seconds
+                print(f"batch {run['batch_size']}: {rate:.2f} img/s after the first batch; minutes per curve point: "
+                      f"GenEval's {GENEVAL_IMAGES} images {GENEVAL_IMAGES / rate / 60:.2f} (+ load "
+                      f"{timing['load_s'] / 60:.2f})")
+        else:
+            rows = bench_rows(args.images)
+            for k, row in enumerate(rows):
+                folder = Path(tmp) / f"{k:05d}"
+                (folder / "samples").mkdir(parents=True)
+                (folder / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+                noise_images(folder / "samples", 1, args.image_size, seed=k)[0].rename(folder / "samples" / "0000.png")
+            if args.random_init:
+                options.geneval2_judge_config = QWEN3_VL_8B if args.size != "tiny" else QWEN3_VL_TINY
+            questions = [(str(Path(tmp) / "00000" / "samples" / "0000.png"), q, a) for q, a in rows[0]["vqa_list"]]
+            start = time.perf_counter()
+            judge_probabilities((questions * options.batch_size)[:options.batch_size], options)  # load + warm-up
+            load = time.perf_counter() - start
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            n_questions = sum(len(r["vqa_list"]) for r in rows)
+            memory = f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+            print(f"geneval2 judge {'random-init ' + args.size if args.random_init else options.geneval2_judge} on "
+                  f"{name}: {len(rows)} prompts x 1 image {args.image_size}x{args.image_size}, {n_questions} questions, "
+                  f"dtype {options.geneval2_dtype}; load + warm-up {load:.1f} s{memory}")
+            for size in args.sweep or [options.batch_size]:
+                options.batch_size = size
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                start = time.perf_counter()
+                geneval2_image_rows(tmp, options)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+                rate = len(rows) / seconds
+                memory = (f", peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+                          if device.type == "cuda" else "")
+                print(f"batch {size} questions: {rate:.2f} prompts/s ({n_questions / seconds:.1f} questions/s){memory}; "
+                      f"minutes per curve point: {GENEVAL2_PROMPTS} prompts x 1 image "
+                      f"{GENEVAL2_PROMPTS / rate / 60:.2f}, x 4 images {4 * GENEVAL2_PROMPTS / rate / 60:.2f}")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -1177,8 +1759,15 @@ def add_scoring_args(p, batch_flag="--batch-size", backends=(*BACKENDS, "officia
     p.add_argument("--geneval-dir", default=None, help="official backend: a djghosh13/geneval checkout")
     p.add_argument("--geneval-python", default=Options.geneval_python, help="official backend: its environment's python")
     p.add_argument("--geneval-model-path", default=None, help="official backend: folder of its detector checkpoint")
-    p.add_argument("--hpsv3-python", default=Options.hpsv3_python, help="a python with `pip install hpsv3`")
+    p.add_argument("--hpsv3-python", default=None,
+                   help=f"the python of `evaluate.py hpsv3-env DIR` (default: ${HPSV3_PYTHON_ENV}, else python)")
     p.add_argument("--hpsv3-checkpoint", default=None, help="local HPSv3.safetensors")
+    p.add_argument("--hpsv3-base", default=None, help="HPSv3's Qwen2-VL base: hub id or local folder "
+                   "(written into a copy of its HPSv3_7B.yaml; default: Qwen/Qwen2-VL-7B-Instruct)")
+    p.add_argument("--hpsv3-precision", choices=sorted(TORCH_DTYPES), default=None, help="default: HPSv3_7B.yaml's (bf16)")
+    p.add_argument("--geneval2-judge", default=Options.geneval2_judge, help="GenEval 2's Qwen3-VL judge: hub id or local folder")
+    p.add_argument("--geneval2-dtype", choices=["auto", *sorted(TORCH_DTYPES)], default=Options.geneval2_dtype,
+                   help="the judge's dtype (auto: the checkpoint's, bf16)")
 
 
 def options_from_args(args):
@@ -1189,8 +1778,8 @@ def options_from_args(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    metrics = dict(nargs="+", choices=["geneval", *SCALAR_METRICS], default=["geneval"],
-                   help="geneval (with --backend's detector), hpsv3, clipscore")
+    metrics = dict(nargs="+", choices=["geneval", *SCALAR_METRICS, "geneval2"], default=["geneval"],
+                   help="geneval (with --backend's detector), hpsv3, clipscore, geneval2 (on its own 800 prompts)")
     s = sub.add_parser("score", help="score a GenEval-layout sample folder")
     s.add_argument("folder")
     s.add_argument("--metrics", **metrics)
@@ -1212,6 +1801,27 @@ def main(argv=None):
     d = sub.add_parser("compare", help="two GenEval results.jsonl of the same images: scores and agreement")
     d.add_argument("results", nargs=2)
     sub.add_parser("geneval-prompts", help="print the path of GenEval's 553 prompts (downloaded on first use)")
+    sub.add_parser("geneval2-prompts", help="print the path of GenEval 2's 800 prompts and questions (downloaded "
+                   "on first use), in GenEval's schema for the sampler")
+    e = sub.add_parser("hpsv3-env", help="make a venv for the hpsv3 package (requirements-hpsv3.txt over this one)")
+    e.add_argument("folder")
+    e.add_argument("--wheels", default=None, help="install offline from this folder of wheels")
+    i = sub.add_parser("hpsv3-random-init", help="a random-init HPSv3 (Qwen2-VL base + checkpoint) in a folder")
+    i.add_argument("folder")
+    i.add_argument("--size", choices=["tiny", "7b"], default="tiny")
+    i.add_argument("--hpsv3-python", default=None)
+    v = sub.add_parser("bench-vlm", help="HPSv3 img/s or GenEval 2 judge prompts/s, and minutes per curve point")
+    v.add_argument("--metric", choices=["hpsv3", "geneval2"], required=True)
+    v.add_argument("--random-init", action="store_true", help="random weights of the real architectures")
+    v.add_argument("--size", choices=["tiny", "7b", "8b"], default=None, help="random init: 7b (HPSv3), 8b "
+                   "(GenEval 2; the default sizes) or tiny (a CPU check of the command)")
+    v.add_argument("--random-init-dir", default=None, help="hpsv3: where the random-init model is built (default: "
+                   "the cache; reused when there)")
+    v.add_argument("--images", type=int, default=64, help="hpsv3: images; geneval2: prompts (one image each)")
+    v.add_argument("--image-size", type=int, default=512)
+    v.add_argument("--sweep", type=int, nargs="+", default=None, help="batch sizes to time in turn, the model "
+                   "loaded once (default: --batch-size)")
+    add_scoring_args(v)
     h = sub.add_parser("hpsv3-prompts", help="HPDv3 benchmark files or a prompt file -> GenEval-schema jsonl")
     h.add_argument("src")
     h.add_argument("--out", required=True)
@@ -1246,6 +1856,19 @@ def main(argv=None):
         print(f"images with the same verdict: {agreement:.4f}")
     elif args.command == "geneval-prompts":
         print(data.geneval_prompts_path())
+    elif args.command == "geneval2-prompts":
+        print(geneval2_prompts_path())
+    elif args.command == "hpsv3-env":
+        print(f"hpsv3 environment: --hpsv3-python {make_hpsv3_env(args.folder, args.wheels)}")
+    elif args.command == "hpsv3-random-init":
+        base, checkpoint = hpsv3_random_init(args.folder, args.size, Options(hpsv3_python=args.hpsv3_python))
+        print(f"random-init HPSv3: --hpsv3-base {base} --hpsv3-checkpoint {checkpoint}")
+    elif args.command == "bench-vlm":
+        args.size = args.size or ("7b" if args.metric == "hpsv3" else "8b")
+        if args.size not in ("tiny", "7b" if args.metric == "hpsv3" else "8b"):
+            raise UserError(f"--size {args.size}: {args.metric}'s sizes are tiny and "
+                                 f"{'7b' if args.metric == 'hpsv3' else '8b'}")
+        bench_vlm(args)
     elif args.command == "hpsv3-prompts":
         rows = read_prompt_file(args.src)
         data.write_metadata(args.out, rows)

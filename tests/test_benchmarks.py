@@ -335,15 +335,19 @@ def test_plumbing_official_backend_fake(tmp_path, monkeypatch, capsys):
 
 FAKE_HPSV3 = '''
 import json, os
+import torch
 class HPSv3RewardInferencer:
-    def __init__(self, device="cuda", checkpoint_path=None):
+    def __init__(self, config_path=None, checkpoint_path=None, device="cuda"):
         self.log = open(os.environ["FAKE_HPSV3_LOG"], "a")
-        self.log.write(json.dumps({"device": device, "checkpoint": checkpoint_path}) + "\\n")
+        self.log.write(json.dumps({"device": device, "checkpoint": checkpoint_path, "config": config_path}) + "\\n")
 
     def reward(self, *, image_paths, prompts):  # keyword-only: positional calls fail
         assert all(os.path.exists(p) for p in image_paths)
         self.log.write(json.dumps({"batch": len(image_paths)}) + "\\n")
-        return [[float(len(p)), 0.5] for p in prompts]  # (mu, sigma); mu = the prompt's length
+        return torch.tensor([[float(len(p)), 0.5] for p in prompts])  # (mu, sigma); mu = the prompt's length
+
+    def prepare_batch(self, image_paths, prompts):
+        return {"input_ids": torch.zeros(len(prompts), 7, dtype=torch.long)}
 '''
 
 
@@ -351,6 +355,9 @@ class HPSv3RewardInferencer:
 def fake_hpsv3(tmp_path, monkeypatch):
     (tmp_path / "fakepkgs" / "hpsv3").mkdir(parents=True)
     (tmp_path / "fakepkgs" / "hpsv3" / "__init__.py").write_text(FAKE_HPSV3)
+    (tmp_path / "fakepkgs" / "hpsv3" / "config").mkdir()
+    (tmp_path / "fakepkgs" / "hpsv3" / "config" / "HPSv3_7B.yaml").write_text(
+        "model_name_or_path: Qwen/Qwen2-VL-7B-Instruct\nbf16: true\ntorch_dtype: bfloat16\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fakepkgs"))
     monkeypatch.setenv("FAKE_HPSV3_LOG", str(tmp_path / "hpsv3.log"))
     return tmp_path / "hpsv3.log"
@@ -362,9 +369,12 @@ def test_plumbing_hpsv3_fake(tmp_path, fake_hpsv3):
     folder = write_folder(tmp_path / "s", prompts, [[np.zeros((8, 8, 3), np.uint8)] * 2 for _ in prompts])
     options = Options(hpsv3_python=sys.executable, batch_size=4, device="cpu", hpsv3_checkpoint="/w/HPSv3.safetensors")
     scores = evaluate.score_scalar_metric(folder, "hpsv3", options)
-    assert scores == {"hpsv3": pytest.approx(np.mean([5, 7, 18])), "hpsv3/Animals": 6.0, "hpsv3/Food": 18.0}
+    assert scores == {"hpsv3": pytest.approx(np.mean([5, 7, 18])), "hpsv3/std": pytest.approx(np.std([5, 5, 7, 7, 18, 18])),
+                      "hpsv3/Animals": 6.0, "hpsv3/Food": 18.0}
     log = [json.loads(line) for line in fake_hpsv3.read_text().splitlines()]
+    config = log[0].pop("config")  # on the CPU: a copy of the package's config in fp32
     assert log == [{"device": "cpu", "checkpoint": "/w/HPSv3.safetensors"}, {"batch": 4}, {"batch": 2}]
+    assert config.endswith("HPSv3.yaml") and not os.path.exists(config)  # written beside the job, then removed
     rows = [json.loads(line) for line in (folder / "hpsv3.jsonl").read_text().splitlines()]
     assert [r["hpsv3"] for r in rows] == [5.0, 5.0, 7.0, 7.0, 18.0, 18.0]
 
@@ -387,7 +397,7 @@ def test_compare_reports_both_backends_scores_and_per_image_agreement(tmp_path, 
 def test_plumbing_hpsv3_failure_says_how_to_install_and_download(tmp_path):
     folder = write_folder(tmp_path / "s", [{"tag": "x", "include": [], "prompt": "a cat"}], [[np.zeros((8, 8, 3), np.uint8)]])
     options = Options(hpsv3_python=sys.executable, device="cpu")  # no hpsv3 package on this path
-    with pytest.raises(data.UserError, match="pip install hpsv3") as e:
+    with pytest.raises(data.UserError, match="evaluate.py hpsv3-env DIR") as e:
         evaluate.score_scalar_metric(folder, "hpsv3", options)
     assert "ModuleNotFoundError" in str(e.value) and "hf download MizzenAI/HPSv3" in str(e.value)
 
@@ -435,7 +445,7 @@ def test_plumbing_curve_from_samples_with_fake_hpsv3(tmp_path, fake_hpsv3):
         assert p["hpsv3"] == pytest.approx((19 + 24) / 2) and p["hpsv3/colors"] == 24.0
     header = (run / "curve.csv").read_text().splitlines()[0].split(",")
     assert header == ["train_seconds", "step", "images_seen", "geneval_metric", "colors", "single_object", "overall",
-                      "hpsv3", "hpsv3/colors", "hpsv3/single_object"]
+                      "hpsv3", "hpsv3/std", "hpsv3/colors", "hpsv3/single_object"]
     assert Image.open(run / "curve.png").size[1] == int((4.2 + 2.6 * 1) * 120)  # two panels: geneval and hpsv3
     evaluate.main(["plot", str(run), str(run), "--metrics", "overall", "colors", "hpsv3", "--out", str(tmp_path / "f.png")])
     assert Image.open(tmp_path / "f.png").size[1] == int((0.8 + 3.2 * 3) * 120)

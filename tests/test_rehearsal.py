@@ -30,9 +30,9 @@ SHARD_SIZE = 16  # 50 files: 4 shards, the last one short
 
 def train_cli(data_dir, out, steps=2, batch=4):
     """A few CPU steps of the tiny model, a checkpoint after each."""
-    return ["train_dit.py", "--preset", "imagenet-gpu", "--model", "tiny", "--data", data_dir, "--out", out,
-            "--max_steps", steps, "--batch_size", batch, "--log_every", 1, "--compile", "false",
-            "--ckpt_every_seconds", "0.0001"]
+    return ["train_dit.py", "--config", "imagenet", "--hidden", 128, "--depth", 4, "--heads", 4, "--data", data_dir,
+            "--out", out, "--max-steps", steps, "--batch-size", batch, "--log-every", 1, "--compile", "false",
+            "--ckpt-every-seconds", "0.0001"]
 
 
 def curve_cli(run, rehearsal, prompts):
