@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 FORMAT = "imagegen-speedrun-shards"
 FORMAT_VERSION = 2  # 2: the manifest carries its own checksum and its seed is required
@@ -479,8 +480,9 @@ def write_text_table(root, captions, encoder):
     shapes = {"text_tokens.npy": (len(captions), encoder.seq_len, encoder.width),
               "text_pooled.npy": (len(captions), encoder.pooled_width)}
     tables = [np.lib.format.open_memmap(Path(root) / name, "w+", np.float16, shape) for name, shape in shapes.items()]
-    for start in range(0, len(captions), 4096):
-        for table, features in zip(tables, encoder.encode(captions[start:start + 4096])):
+    for start in tqdm(range(0, len(captions), 1024), desc="text features", unit="chunk", leave=False,
+                      disable=not sys.stderr.isatty()):
+        for table, features in zip(tables, encoder.encode(captions[start:start + 1024])):
             table[start:start + len(features)] = features.numpy().astype(np.float16)
     for table in tables:
         table.flush()
@@ -600,7 +602,8 @@ def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, 
     counts = [min(shard_size, n_train - start) for start in range(0, n_train, shard_size)]
     workers = workers or min(len(counts), os.cpu_count() or 1)
     with ProcessPoolExecutor(workers) as pool:
-        shards = list(pool.map(shapes_training_shard, [seed] * len(counts), range(len(counts)), counts))
+        shards = list(tqdm(pool.map(shapes_training_shard, [seed] * len(counts), range(len(counts)), counts),
+                           total=len(counts), desc="rendering scenes", unit="shard", disable=not sys.stderr.isatty()))
     captions = sorted({c for _, shard_captions in shards for c in shard_captions})
     caption_id = {c: i for i, c in enumerate(captions)}
     entries = [write_shard(out, k, images, np.array([caption_id[c] for c in shard_captions]))
@@ -1328,9 +1331,10 @@ def bench_prep(args, log=print):
     (the prep's own encode_imagenet_shards, shards written to a scratch folder), with peak memory."""
     import shutil
     import tempfile
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cuda:
+        device = torch.device("cuda", device.index or 0)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     paths, _ = list_imagenet(args.src)

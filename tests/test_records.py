@@ -52,13 +52,20 @@ def edit_hyperparameters(text, old, new):
 
 
 def scale_clock(text, factor, loss_shift=0.0):
-    """A log whose training clock ran `factor` times as long (clock, checkpoint and img/s lines alike) and
-    whose losses are shifted: the log of another run of the same recipe on a slower or faster machine."""
+    """A log whose training clock ran `factor` times as long (clock, checkpoint and img/s lines alike, each img/s
+    recomputed from the new clock as the trainer computes it) and whose losses are shifted: the log of another run
+    of the same recipe on a slower or faster machine."""
+    batch = record.log_hyperparameters(record.log_sections(text))["batch_size"]
+    lines = re.findall(r"^step (\d+) \| train (\S+) s \|", text, re.M)
+    seconds = {int(s): float(t) * factor for s, t in lines}
+    previous = dict(zip([int(s) for s, _ in lines[1:]], [(int(s), seconds[int(s)]) for s, _ in lines[:-1]]))
+
     def clock(m):
-        return f"step {m[1]} | train {float(m[2]) * factor:.3f} s | loss {float(m[3]) + loss_shift:.4f} | " \
-               f"{float(m[4]) / factor:.0f} img/s"
+        step = int(m[1])
+        before, at = previous.get(step, (0, 0.0))
+        return (f"step {step} | train {seconds[step]:.3f} s | loss {float(m[3]) + loss_shift:.4f} | "
+                f"{batch * (step - before) / (seconds[step] - at):.0f} img/s")
     text = re.sub(r"^step (\d+) \| train (\S+) s \| loss (\S+) \| (\d+) img/s", clock, text, flags=re.M)
-    seconds = record.log_lines(text)["clock"]  # a checkpoint line gives its step's clock at 0.1 s
     text = re.sub(r"^(checkpoint \S+ at )(\S+)( s, step (\d+))$", lambda m: f"{m[1]}{seconds[int(m[4])]:.1f}{m[3]}",
                   text, flags=re.M)
     return re.sub(r"^step (\d+) loss (\S+)$", lambda m: f"step {m[1]} loss {float(m[2]) + loss_shift:.5f}", text,
@@ -316,8 +323,9 @@ def test_validator_rejects_a_corrupted_record_with_its_reason(record_dir, tmp_pa
     bad = corrupt_copy(record_dir, tmp_path, edit)
     problems = record.check_record(bad)
     assert any(reason in p for p in problems), problems
-    result = run_cli("record.py", "check", bad)
-    assert result.returncode != 0 and reason in result.stderr and "Traceback" not in result.stderr
+    if edit is best_run_twice:  # the command line says the same (one subprocess: each costs seconds)
+        result = run_cli("record.py", "check", bad)
+        assert result.returncode != 0 and reason in result.stderr and "Traceback" not in result.stderr
 
 
 def test_validator_rejects_too_few_runs(record_dir, tmp_path):

@@ -387,13 +387,13 @@ def test_fast_check_misses_a_byte_between_windows_which_verify_full_and_the_trai
 
 def test_manifest_of_another_format_version_is_refused_naming_both_versions(data_copy):
     manifest = json.loads((data_copy / "manifest.json").read_text())
-    for version in (0, "1", None, 2):  # the CLI is run on the last
+    for version in (0, "2", None, 1):  # the CLI is run on the last: the version before the manifest's checksum
         manifest["version"] = version
         (data_copy / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(data.UserError, match=re.escape(f"format version {version!r}; this code reads version 1")):
+        with pytest.raises(data.UserError, match=re.escape(f"format version {version!r}; this code reads version 2")):
             data.ShardDataset(data_copy)  # as train_dit.py opens it
     result = run_cli("data.py", "verify", data_copy)
-    assert_one_line_error(result, data_copy / "manifest.json", "format version 2; this code reads version 1")
+    assert_one_line_error(result, data_copy / "manifest.json", "format version 1; this code reads version 2")
 
 
 # -----------------------------------------------------------------------------

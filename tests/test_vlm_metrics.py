@@ -198,7 +198,7 @@ def test_curve_puts_geneval_and_geneval2_side_by_side(tmp_path, tiny_judge):
     header = (run / "curve.csv").read_text().splitlines()[0].split(",")
     assert header[:7] == ["train_seconds", "step", "images_seen", "geneval_metric", "colors", "single_object", "overall"]
     assert header[7:10] == ["geneval2", "geneval2/am", "geneval2/object"]
-    assert Image.open(run / "curve.png").size[1] == int((0.8 + 3.2 * 2) * 120)  # panels: overall, geneval2
+    assert Image.open(run / "curve.png").size[1] == int((4.2 + 2.6 * 1) * 120)  # panels: geneval, geneval2
 
 
 # -----------------------------------------------------------------------------
