@@ -348,17 +348,21 @@ CACHE_DIR = Path(os.environ.get("IMAGEGEN_SPEEDRUN_CACHE", Path.home() / ".cache
 
 def geneval_prompts_path():
     """The official evaluation_metadata.jsonl, downloaded into the cache on first use."""
-    path = CACHE_DIR / "geneval" / "evaluation_metadata.jsonl"
+    return cached_download(GENEVAL_PROMPTS_URL, GENEVAL_PROMPTS_SHA256, CACHE_DIR / "geneval" / "evaluation_metadata.jsonl",
+                           "GenEval prompts", "the official 553-prompt file")
+
+
+def cached_download(url, sha256, path, what, official):
+    """`path`, downloaded from `url` on first use and checked against its sha256; a failure names how to get it."""
     if not path.exists():
         try:
-            with urllib.request.urlopen(GENEVAL_PROMPTS_URL, timeout=30) as response:
+            with urllib.request.urlopen(url, timeout=30) as response:
                 body = response.read()
         except OSError as e:
-            raise UserError(f"GenEval prompts: cannot download {GENEVAL_PROMPTS_URL} ({e}); download it on a "
-                            f"machine with network to {path}, or pass --prompts PATH") from None
-        if hashlib.sha256(body).hexdigest() != GENEVAL_PROMPTS_SHA256:
-            raise UserError(f"GenEval prompts: {GENEVAL_PROMPTS_URL} is not the official 553-prompt file "
-                            f"(sha256 differs); pass --prompts PATH")
+            raise UserError(f"{what}: cannot download {url} ({e}); download it on a machine with network to {path}, "
+                            f"or pass --prompts PATH") from None
+        if hashlib.sha256(body).hexdigest() != sha256:
+            raise UserError(f"{what}: {url} is not {official} (sha256 differs); pass --prompts PATH")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: f.write(body))
     return path
@@ -1293,18 +1297,17 @@ class HostMemory:
         self.sample()
 
 
-def matmul_peak_tflops(device, n=8192, repeats=10):
-    """The bf16 matmul rate this GPU reaches now (n^3 products), the yardstick of the MFU column."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
+def matmul_peak_flops(device, n=8192, iters=50):
+    """FLOP/s of a large bf16 matmul on this device: the ceiling that MFU is measured against, in the same process."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(5):
         a @ b
     torch.cuda.synchronize(device)
     start = time.perf_counter()
-    for _ in range(repeats):
+    for _ in range(iters):
         a @ b
     torch.cuda.synchronize(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e12
+    return 2 * n ** 3 * iters / (time.perf_counter() - start)
 
 
 def encoder_flops_per_image(vae):
@@ -1341,7 +1344,7 @@ def bench_prep(args, log=print):
     paths = paths[:args.images]
     rows = []
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
-    peak = matmul_peak_tflops(device) if cuda else float("nan")
+    peak = matmul_peak_flops(device) / 1e12 if cuda else float("nan")
     log(f"bench-prep: {len(paths)} files of {args.src} on {name}, {os.cpu_count()} CPU cores; encoder "
         f"{args.vae_config and 'random-init config' or args.vae}; each image encoded with its flip"
         + (f"; bf16 matmul peak measured here {peak:.0f} TFLOP/s" if cuda else ""))

@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -1240,21 +1239,8 @@ NUMBER_DIGITS = {"one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
 
 def geneval2_data_path():
     """GenEval 2's geneval2_data.jsonl (CC BY-NC 4.0), downloaded into the cache on first use, sha256-checked."""
-    path = data.CACHE_DIR / "geneval2" / "geneval2_data.jsonl"
-    if not path.exists():
-        try:
-            with urllib.request.urlopen(GENEVAL2_URL, timeout=30) as response:
-                body = response.read()
-        except OSError as e:
-            raise UserError(f"GenEval 2 data: cannot download {GENEVAL2_URL} ({e}); download it on a machine "
-                                 f"with network to {path}, or pass --prompts PATH") from None
-        if hashlib.sha256(body).hexdigest() != GENEVAL2_SHA256:
-            raise UserError(f"GenEval 2 data: {GENEVAL2_URL} is not the official 800-prompt file (sha256 "
-                                 f"differs); pass --prompts PATH")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".tmp").write_bytes(body)
-        os.replace(path.with_suffix(".tmp"), path)
-    return path
+    return data.cached_download(GENEVAL2_URL, GENEVAL2_SHA256, data.CACHE_DIR / "geneval2" / "geneval2_data.jsonl",
+                                "GenEval 2 data", "the official 800-prompt file")
 
 
 def geneval2_prompt_rows(path):

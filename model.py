@@ -9,7 +9,6 @@ null caption replaces the text for classifier-free guidance.
 import dataclasses
 import hashlib
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -246,19 +245,6 @@ def flops_per_image(cfg: DiTConfig, training=True):
              + 2 * 256 * D + 2 * D * D  # timestep MLP
              + 2 * D * 2 * D + N_img * 2 * D * pp_c)  # final adaLN + output projection
     return 3 * flops if training else flops
-
-
-def matmul_peak_flops(device, n=8192, iters=50):
-    """FLOP/s of a large bf16 matmul on this device: the ceiling that MFU is measured against, in the same process."""
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(5):
-        a @ b
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n ** 3 * iters / (time.perf_counter() - start)
 
 
 # -----------------------------------------------------------------------------

@@ -704,7 +704,7 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
               "img_per_s": hp.batch_size / step_alone, "loader_share": step_fed / step_alone - 1,
               "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "torch": torch.__version__}
     if use_cuda:
-        peak = model.matmul_peak_flops(device)
+        peak = data.matmul_peak_flops(device)
         achieved = flops * hp.batch_size / world_size / step_alone  # per GPU
         report.update(peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30, tflops=achieved / 1e12,
                       matmul_peak_tflops=peak / 1e12, mfu=achieved / peak)
@@ -735,7 +735,7 @@ def benchmark_sampling(hp, cfg, raw_model, dataset, device):
 
     timed((0.75, 1.0), nfe=2)  # compiles both batch shapes: step 1 guided (2B images), step 2 not (B)
     use_cuda = device.type == "cuda"
-    peak = model.matmul_peak_flops(device) if use_cuda else None
+    peak = data.matmul_peak_flops(device) if use_cuda else None
     rows = []
     for interval in dict.fromkeys([(0.0, 1.0), tuple(hp.cfg_interval)]):
         seconds = timed(interval)

@@ -99,7 +99,7 @@ def test_geneval2_data_is_downloaded_once_and_checked(tmp_path, monkeypatch):
         calls.append(url)
         return io.BytesIO(body)
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(evaluate.urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
     with pytest.raises(data.UserError, match="not the official 800-prompt file"):
         evaluate.geneval2_data_path()
     assert not (tmp_path / "geneval2").exists()
@@ -113,7 +113,7 @@ def test_geneval2_data_is_downloaded_once_and_checked(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise OSError("no network")
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path / "empty")
-    monkeypatch.setattr(evaluate.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
     with pytest.raises(data.UserError, match="cannot download .* or pass --prompts PATH"):
         evaluate.geneval2_data_path()
 
