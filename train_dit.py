@@ -119,11 +119,14 @@ CONFIGS = {
         out="runs/shapes-vanilla", depth=12, qk_norm=False, text_blocks=0, prediction="velocity", batch_size=256,
         optimizer="adamw", lr=1e-4, lr_warmup_steps=0, lr_cooldown=0.0, beta2=0.999, grad_clip=0.0, ema_decay=0.9999,
         ema_warmup=False, time_sampling="uniform", time_mean=0.0, budget_seconds=300, ckpt_every_seconds=30),
-    # A first run on a laptop-class CPU (2 cores): the whole loop in minutes on the first 20k scenes.
+    # A first run on a 2-core CPU: the whole loop in about 12 minutes on the first 20k scenes; it shows the loop
+    # working, not the speedrun (~75k images in 8 min score about 0.05-0.08; the GPU recipe needs ~350k images for
+    # 0.3). Muon + QK-norm + a caption block, a 3e-3 lr with cooldown, or width 192 did no better on 2 cores
+    # (tuning section 17).
     "shapes-cpu": Hyperparameters(
         data="data/shapes-cpu", out="runs/shapes-cpu", hidden=128, depth=4, heads=4, qk_norm=False, text_blocks=0,
         batch_size=32, optimizer="adamw", lr=1e-3, lr_warmup_steps=20, lr_cooldown=0.0, ema_decay=0.99,
-        time_mean=0.0, budget_seconds=300, ckpt_every_seconds=100, log_every=10, eval_per_tag=5, compile=False),
+        time_mean=0.0, budget_seconds=480, ckpt_every_seconds=160, log_every=10, eval_per_tag=5, compile=False),
     # ImageNet: SD-VAE latents 4x32x32 at patch 2 (256 image tokens) + 77 caption tokens. Sized for a few hours on
     # one 8-GPU node (batch 1024: 128 per GPU); NOT tuned on ImageNet here (no weights or data reach this
     # repository's machines): every value is taken from a Shapes measurement or a published recipe, named.
