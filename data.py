@@ -1036,13 +1036,30 @@ TINY_SD_VAE = dict(SD_VAE_FT_EMA, block_out_channels=[8, 8, 8, 8], layers_per_bl
 TINY_OPEN_CLIP = dict(embed_dim=32, quick_gelu=True,
                       vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16),
                       text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
-# Mask2Former with a Swin backbone a few channels wide (evaluate.MASK2FORMER_SWIN_S is the real one).
+# Mask2Former with a Swin backbone a few channels wide (MASK2FORMER_SWIN_S is the real one).
 TINY_MASK2FORMER = dict(
     backbone_config=dict(model_type="swin", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
                          window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"]),
     num_labels=80, num_queries=8, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_layers=1,
     decoder_layers=2, encoder_feedforward_dim=64, dim_feedforward=64, num_attention_heads=2)
 # Weight folders under OUT/weights, named as the hub repositories they stand in for.
+# The 80 COCO classes in the detector's index order, under GenEval's names (its object_names.txt).
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
+    "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+# Mask2Former Swin-S COCO instance segmentation, the architecture of Options.detector.
+MASK2FORMER_SWIN_S = dict(
+    backbone_config=dict(model_type="swin", embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24],
+                         window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"]),
+    num_labels=80, num_queries=100, hidden_dim=256, encoder_layers=6, decoder_layers=10)
+
 REHEARSAL_VAE, REHEARSAL_CLIP = "sd-vae-ft-ema", "vit_large_patch14_clip_224.openai"
 REHEARSAL_DETECTOR = "mask2former-swin-small-coco-instance"
 OPEN_CLIP_FILE = "open_clip_pytorch_model.bin"
@@ -1155,8 +1172,7 @@ def _save_open_clip(folder, model_name, overrides, seed):
 def _save_mask2former(folder, config, seed):
     """A random-init Mask2Former (80 COCO labels) saved as transformers saves the hub model's folder."""
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
-    import evaluate  # the detector's class names and index order
-    labels = dict(enumerate(evaluate.COCO_CLASSES))
+    labels = dict(enumerate(COCO_CLASSES))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(
@@ -1202,8 +1218,7 @@ def fabricate_rehearsal(out, tiny=False, images=None, synsets=None, seed=0, work
     counts = {"vae": sum(p.numel() for p in vae.parameters())}
     clip_overrides = {k: v for k, v in TINY_OPEN_CLIP.items() if k != "quick_gelu"} if tiny else None
     counts["clip"] = _save_open_clip(clip_dir, DEFAULT_TEXT_MODEL, clip_overrides, seed)
-    import evaluate
-    counts["detector"] = _save_mask2former(detector_dir, TINY_MASK2FORMER if tiny else evaluate.MASK2FORMER_SWIN_S,
+    counts["detector"] = _save_mask2former(detector_dir, TINY_MASK2FORMER if tiny else MASK2FORMER_SWIN_S,
                                            seed)
     log("rehearsal: random-init weights, " + ", ".join(f"{k} {v / 1e6:.2f}M parameters" for k, v in counts.items())
         + f" under {weights}")

@@ -420,17 +420,6 @@ def shapes_backend(options=None):
 # -----------------------------------------------------------------------------
 # GenEval on COCO: the official prompts, class names and colour templates
 
-# The 80 COCO classes in the detector's index order, under GenEval's names (its object_names.txt).
-COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
-    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
-    "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
 COLOR_NAMES = tuple(data.COLORS)  # GenEval's ten colours, in its order (argmax ties go to the first)
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 CROP_BACKGROUND = 0x99  # GenEval composites each object onto #999 before classifying its colour
@@ -465,13 +454,6 @@ class Options:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-# Mask2Former Swin-S COCO instance segmentation, the architecture of Options.detector.
-MASK2FORMER_SWIN_S = dict(
-    backbone_config=dict(model_type="swin", embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24],
-                         window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"]),
-    num_labels=80, num_queries=100, hidden_dim=256, encoder_layers=6, decoder_layers=10)
-
-
 def weights_error(what, name, e, hint):
     first = (str(e).strip().splitlines() or [""])[0][:160]
     return UserError(f"{what} {name!r} could not be loaded ({type(e).__name__}: {first}); {hint}")
@@ -491,7 +473,7 @@ def load_mask2former(name, config_json, device):
         except (OSError, ValueError) as e:  # hub unreachable and not cached, unknown id, bad folder
             raise weights_error("detector", name, e, f"on a machine with network run `hf download {name}` (then set "
                                 f"HF_HUB_OFFLINE=1 here) or save it to a folder and pass --detector PATH") from None
-    if model.config.num_labels != len(COCO_CLASSES):
+    if model.config.num_labels != len(data.COCO_CLASSES):
         raise UserError(f"detector {name!r}: {model.config.num_labels} classes; GenEval needs the 80 COCO classes")
     return model.to(device).eval().requires_grad_(False)
 
@@ -613,7 +595,7 @@ class Mask2FormerDetector:
                                                            resized[k], batch.shape[2:], image.shape[:2])
             per_class = {}
             for label, score, box, mask in zip(labels.tolist(), scores.tolist(), boxes.tolist(), masks):
-                per_class.setdefault(COCO_CLASSES[label], []).append(Detection(tuple(box), score, mask=mask))
+                per_class.setdefault(data.COCO_CLASSES[label], []).append(Detection(tuple(box), score, mask=mask))
             found.append(per_class)
         return found
 
@@ -1335,7 +1317,7 @@ def save_random_qwen3vl(folder, config, texts=None, dtype=torch.float32):
 def judge_tokenizer_texts():
     """What a random-init judge's tokenizer is trained on: GenEval 2's question forms over COCO's classes and
     GenEval's colours, the answers' spellings."""
-    words = [*COCO_CLASSES, *COLOR_NAMES, *NUMBER_DIGITS, *NUMBER_DIGITS.values(), *YES_SPELLINGS, "No", "plastic",
+    words = [*data.COCO_CLASSES, *COLOR_NAMES, *NUMBER_DIGITS, *NUMBER_DIGITS.values(), *YES_SPELLINGS, "No", "plastic",
              "wooden", "metal", "left", "right", "front", "behind", "above", "below", "on", "of", "the"]
     return [f"How many {w} are in the image? Are there any {w} in the image? Are the {w} {c}? Is the {w} on the "
             f"left of the {c}? Answer in one word." for w in words for c in (*COLOR_NAMES, "plastic")]
@@ -1590,7 +1572,7 @@ def bench_detector(args):
     """Detection and colour throughput (img/s) on random images, timed after one warm-up batch."""
     options = options_from_args(args)
     if args.random_init:
-        options.detector_config, options.clip_pretrained = MASK2FORMER_SWIN_S, None
+        options.detector_config, options.clip_pretrained = data.MASK2FORMER_SWIN_S, None
     detect, classify_colors = BACKENDS[args.backend](options)
     device, size = options.torch_device(), args.image_size
     rng = np.random.default_rng(0)

@@ -9,6 +9,7 @@ null caption replaces the text for classifier-free guidance.
 import dataclasses
 import hashlib
 import math
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -289,7 +290,10 @@ def load_checkpoint(path, expected_cfg=None):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # a crafted pickle is refused here, before anything in it runs
+    except pickle.UnpicklingError:  # a crafted pickle is refused here, before anything in it runs
+        raise UserError(f"{path}: not a readable checkpoint of tensors and plain types: it holds other objects, "
+                        f"refused without running them") from None
+    except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise UserError(f"{path}: not a readable checkpoint of tensors and plain types ({type(e).__name__}: {first})") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt:

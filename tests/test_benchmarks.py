@@ -61,14 +61,14 @@ def test_official_prompt_file_has_553_prompts_in_six_tags():
                                                "position": 100, "color_attr": 100}
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data.GENEVAL_PROMPTS_SHA256
     clauses = [c for r in rows for key in ("include", "exclude") for c in r.get(key, [])]
-    assert {c["class"] for c in clauses} <= set(evaluate.COCO_CLASSES)
+    assert {c["class"] for c in clauses} <= set(data.COCO_CLASSES)
     assert {c["color"] for c in clauses if "color" in c} <= set(evaluate.COLOR_NAMES)
 
 
 @needs_shared
 def test_coco_class_names_are_genevals_in_the_detector_order():
     names = [line.strip() for line in (SHARED / "object_names.txt").read_text().splitlines() if line.strip()]
-    assert tuple(names) == evaluate.COCO_CLASSES
+    assert tuple(names) == data.COCO_CLASSES
 
 
 def test_geneval_prompts_download_failure_says_how_to_get_them(tmp_path, monkeypatch):
@@ -201,7 +201,7 @@ def test_detector_on_a_tiny_random_model_follows_mmdets_input_and_output_shapes(
     for found in detector(images):
         detections = [d for dets in found.values() for d in dets]
         assert len(detections) == min(100, TINY_M2F["num_queries"] * 80)
-        assert set(found) <= set(evaluate.COCO_CLASSES)
+        assert set(found) <= set(data.COCO_CLASSES)
         for d in detections:
             assert d.mask.shape == (48, 64) and 0 <= d.score <= 1
             ys, xs = np.nonzero(d.mask.numpy())

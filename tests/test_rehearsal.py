@@ -118,7 +118,7 @@ def test_weight_folders_have_the_hub_file_layouts(rehearsal):
     assert {"config.json", "model.safetensors"} <= set(os.listdir(w["detector"]))
     config = json.loads((rehearsal["root"] / "weights" / "mask2former-swin-small-coco-instance" / "config.json")
                         .read_text())
-    assert [config["id2label"][str(i)] for i in range(80)] == list(evaluate.COCO_CLASSES)
+    assert [config["id2label"][str(i)] for i in range(80)] == list(data.COCO_CLASSES)
     assert set(os.listdir(w["clip_folder"])) == {"open_clip_config.json", "open_clip_pytorch_model.bin"}
     assert json.loads((rehearsal["root"] / "weights" / data.REHEARSAL_CLIP / "open_clip_config.json").read_text())[
         "model_cfg"]["quick_gelu"] is True

@@ -83,10 +83,11 @@ def test_cooldown_run_sets_each_steps_lr_from_the_clock_read_before_it(shapes_da
     assert ckpt["train_seconds"] >= 3 and last > 1 and clock[last] == pytest.approx(ckpt["train_seconds"], abs=0.05)
     # the last step (index last - 1) ran with the lr of the clock logged after the step before it
     hp = Hyperparameters(**{**ckpt["hparams"], "cfg_interval": tuple(ckpt["hparams"]["cfg_interval"])})
-    expected = lr_scale(hp, last - 1, clock[last - 1])
-    assert 0 < expected < 1
-    for group in (g for opt in ckpt["optimizer"] for g in opt["param_groups"]):  # the log's clock has 1 ms steps
-        assert group["lr"] == pytest.approx(group["peak_lr"] * expected, abs=group["peak_lr"] * 0.0005 / 3)
+    # the log's clock has 1 ms steps: the schedule at the clock it rounds, within half a step either side
+    slowest, fastest = (lr_scale(hp, last - 1, clock[last - 1] + d) for d in (0.0005, -0.0005))
+    assert fastest < 1  # in the cooldown
+    for group in (g for opt in ckpt["optimizer"] for g in opt["param_groups"]):
+        assert slowest - 1e-9 <= group["lr"] / group["peak_lr"] <= fastest + 1e-9
 
 
 def test_vanilla_preset_trains_with_plain_ema(shapes_data, tmp_path):
