@@ -446,7 +446,8 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         log(f"stopped by {(stop_signals or ['a signal to another rank'])[0]} after step {step}: checkpoint "
             f"{last_checkpoint}; continue with --resume {last_checkpoint}")
     else:
-        log(f"done: {step} steps, {train_seconds:.1f} s of training clock, {step * hp.batch_size} images; "
+        memory = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if use_cuda else ""
+        log(f"done: {step} steps, {train_seconds:.1f} s of training clock, {step * hp.batch_size} images{memory}; "
             f"checkpoints in {Path(hp.out) / 'checkpoints'}")
     if world_size > 1:
         dist.destroy_process_group()
