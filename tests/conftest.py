@@ -1,10 +1,15 @@
-"""Shared fixtures: one tiny GenEval-Shapes data set, one tiny training run, one set of truth renders.
+"""Shared fixtures: one tiny GenEval-Shapes data set, one tiny training run, one set of truth renders; the
+tiny ImageNet rehearsal (`data.py rehearsal --tiny`), its shards, and one run trained and scored on them.
 
-Everything runs on the CPU with a random-init, tiny open_clip text tower (nothing is downloaded).
-The expensive things are session-scoped so they are built once.
+Everything runs on the CPU with random-init, tiny models (nothing is downloaded). The expensive things
+are session-scoped so they are built once. The commands of other programs (train_dit.py, evaluate.py,
+data.py) on the rehearsal are built in the helpers below only.
 """
+import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +92,85 @@ def truth_renders(shapes_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("truth") / "truth"
     evaluate.main(["truth", str(shapes_data), "--out", str(out), "--per-tag", "20"])
     return out
+
+
+# -----------------------------------------------------------------------------
+# The ImageNet rehearsal: an ImageNet-layout tree and random-init weights of the real architectures in the hubs'
+# layouts; the real prep, trainer, sampler and scorer run on it unchanged
+
+REHEARSAL_SHARD_SIZE = 16  # 50 files: 4 shards, the last one short
+TINY_DIT = ("--hidden", 64, "--depth", 2, "--heads", 2)  # an ImageNet config's model, shrunk for a CPU
+# Two of the rehearsal's GenEval prompts, one image each: on this CPU a 100-NFE sample of the tiny model takes
+# seconds. The single object is the one the records tests' detector passes; the colour one asks CLIP.
+REHEARSAL_TAGS = ("single_object", "colors")
+
+
+def train_cli(data_dir, out, config="imagenet", steps=2, batch=4):
+    """A few CPU steps of an ImageNet config's model, shrunk, a checkpoint after each."""
+    return ["train_dit.py", "--config", config, *TINY_DIT, "--data", data_dir, "--out", out, "--max-steps", steps,
+            "--batch-size", batch, "--log-every", 1, "--compile", "false", "--ckpt-every-seconds", "0.0001"]
+
+
+def score_flags(rehearsal):
+    """The rehearsal's printed scoring flags (mask2former backend on its weights), after `evaluate.py curve RUN`."""
+    flags = shlex.split(rehearsal["commands"]["score_flags"])
+    return flags[flags.index("--backend"):]
+
+
+def curve_cli(run, rehearsal, prompts):
+    """evaluate.py curve with the mask2former backend on the rehearsal's weights, from its printed flags."""
+    flags = score_flags(rehearsal)
+    flags[flags.index("--prompts") + 1] = str(prompts)
+    return ["evaluate.py", "curve", run, *flags, "--per-tag", 1, "--images-per-prompt", 1, "--batch-size", 2,
+            "--score-batch-size", 2, "--device", "cpu"]
+
+
+def prep_args(rehearsal, out, *extra):
+    """The rehearsal's printed prep command, with this test's output folder and shard size."""
+    args = shlex.split(rehearsal["commands"]["prep"])[2:]  # after `python data.py`
+    args[args.index("--out") + 1] = str(out)
+    args[args.index("--shard-size") + 1] = str(REHEARSAL_SHARD_SIZE)
+    return ["data.py", *args, *extra]
+
+
+@pytest.fixture(scope="session")
+def rehearsal(tmp_path_factory):
+    """rehearsal.json of a tiny rehearsal, with its folder ("root") and what the command printed. Read-only."""
+    out = tmp_path_factory.mktemp("rehearsal") / "r"
+    result = run_cli("data.py", "rehearsal", "--out", out, "--tiny")
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((out / "rehearsal.json").read_text())
+    info["root"], info["stdout"] = out, result.stdout
+    return info
+
+
+@pytest.fixture(scope="session")
+def rehearsal_shards(rehearsal, tmp_path_factory):
+    """The rehearsal tree prepped by its printed command. Read-only."""
+    out = tmp_path_factory.mktemp("rehearsal_shards") / "shards"
+    result = run_cli(*prep_args(rehearsal, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def rehearsal_run(rehearsal_shards, tmp_path_factory):
+    """Two steps of the shrunk `imagenet` config on the rehearsal shards, a checkpoint after each. Read-only."""
+    out = tmp_path_factory.mktemp("rehearsal_runs") / "imagenet"
+    result = run_cli(*train_cli(rehearsal_shards, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def rehearsal_scored_run(rehearsal, rehearsal_run, tmp_path_factory):
+    """A copy of rehearsal_run with its curve: `evaluate.py curve` sampled every checkpoint on REHEARSAL_TAGS'
+    prompts (into samples/ckpt_*/) and scored them with the rehearsal's detector (curve.json). Read-only."""
+    root = tmp_path_factory.mktemp("rehearsal_scored")
+    run = shutil.copytree(rehearsal_run, root / "imagenet")
+    prompts = root / "prompts.jsonl"
+    data.write_metadata(prompts, [p for p in data.read_metadata(rehearsal["root"] / "evaluation_metadata.jsonl")
+                                  if p["tag"] in REHEARSAL_TAGS])
+    result = run_cli(*curve_cli(run, rehearsal, prompts), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run

@@ -2,9 +2,12 @@
 ImageNet-layout tree with odd files, random-init weights of the real model classes in the hubs' file
 layouts), and the real loaders, prep, trainer, sampler and scorer run on it unchanged.
 
-The commands of other programs (train_dit.py, evaluate.py) are built in the helpers below only.
+The fixtures (`rehearsal`, `rehearsal_shards`, the trained and scored runs) and the helpers that build the
+other programs' command lines are in conftest.py: the records tests use them too.
 """
+import dataclasses
 import json
+import math
 import os
 import shlex
 import signal
@@ -19,60 +22,10 @@ from PIL import Image
 
 import data
 import evaluate
-from conftest import REPO, run_cli
-
-SHARD_SIZE = 16  # 50 files: 4 shards, the last one short
-
-
-# -----------------------------------------------------------------------------
-# The other programs' command lines (their flags are being renamed: update them here only)
-
-
-def train_cli(data_dir, out, steps=2, batch=4):
-    """A few CPU steps of the tiny model, a checkpoint after each."""
-    return ["train_dit.py", "--config", "imagenet", "--hidden", 128, "--depth", 4, "--heads", 4, "--data", data_dir,
-            "--out", out, "--max-steps", steps, "--batch-size", batch, "--log-every", 1, "--compile", "false",
-            "--ckpt-every-seconds", "0.0001"]
-
-
-def curve_cli(run, rehearsal, prompts):
-    """evaluate.py curve with the mask2former backend on the rehearsal's weights, from its printed flags."""
-    flags = shlex.split(rehearsal["commands"]["score_flags"])
-    flags = flags[flags.index("--backend"):]  # after `python evaluate.py curve RUN`
-    flags[flags.index("--prompts") + 1] = str(prompts)
-    return ["evaluate.py", "curve", run, *flags, "--per-tag", 1, "--images-per-prompt", 1, "--batch-size", 2,
-            "--score-batch-size", 2, "--device", "cpu"]
-
-
-def prep_args(rehearsal, out, *extra):
-    """The rehearsal's printed prep command, with this test's output folder and shard size."""
-    args = shlex.split(rehearsal["commands"]["prep"])[2:]  # after `python data.py`
-    args[args.index("--out") + 1] = str(out)
-    args[args.index("--shard-size") + 1] = str(SHARD_SIZE)
-    return ["data.py", *args, *extra]
-
-
-# -----------------------------------------------------------------------------
-# Fixtures
-
-
-@pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rehearsal") / "r"
-    result = run_cli("data.py", "rehearsal", "--out", out, "--tiny")
-    assert result.returncode == 0, result.stderr[-3000:]
-    info = json.loads((out / "rehearsal.json").read_text())
-    info["root"], info["stdout"] = out, result.stdout
-    return info
-
-
-@pytest.fixture(scope="module")
-def shards(rehearsal, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rehearsal_shards") / "shards"
-    result = run_cli(*prep_args(rehearsal, out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
+import model
+import record
+import train_dit
+from conftest import REHEARSAL_SHARD_SIZE, REHEARSAL_TAGS, REPO, logged_losses, prep_args, run_cli, train_cli
 
 # -----------------------------------------------------------------------------
 # Fabrication
@@ -179,8 +132,8 @@ def test_local_weights_load_through_the_pipelines_loaders(rehearsal):
 # Prep on the rehearsal tree
 
 
-def test_prep_lists_every_unreadable_file_with_its_reason_and_encodes_the_rest(rehearsal, shards):
-    manifest = data.read_manifest(shards)
+def test_prep_lists_every_unreadable_file_with_its_reason_and_encodes_the_rest(rehearsal, rehearsal_shards):
+    manifest = data.read_manifest(rehearsal_shards)
     odd = rehearsal["odd"]
     skipped = {s["path"]: s["reason"] for s in manifest["skipped"]}
     assert sorted(skipped) == sorted(p for p, expect in odd.items() if expect == "skipped")
@@ -192,7 +145,7 @@ def test_prep_lists_every_unreadable_file_with_its_reason_and_encodes_the_rest(r
     assert [s["count"] for s in manifest["shards"]] == [15, 15, 15, 1]  # 50 files, 16 per shard, 4 skipped
     assert manifest["text"]["name"].startswith("local-dir:")
     assert manifest["latent"]["autoencoder"] == rehearsal["weights"]["vae"]
-    data.ShardDataset(shards, verify="full")
+    data.ShardDataset(rehearsal_shards, verify="full")
 
 
 def reference_shard(vae, root, paths, batch_size):
@@ -209,20 +162,20 @@ def reference_shard(vae, root, paths, batch_size):
     return np.concatenate(latents)
 
 
-def test_streamed_prep_gives_the_same_latents_as_the_old_prep(rehearsal, shards):
+def test_streamed_prep_gives_the_same_latents_as_the_old_prep(rehearsal, rehearsal_shards):
     paths, _ = data.list_imagenet(rehearsal["root"] / "train")
     vae = data.VAEAutoencoder(rehearsal["weights"]["vae"])
     batch_size = int(shlex.split(rehearsal["commands"]["prep"])[
         shlex.split(rehearsal["commands"]["prep"]).index("--batch-size") + 1])
+    size = REHEARSAL_SHARD_SIZE
     for k in (0, 3):
-        expected = reference_shard(vae, rehearsal["root"] / "train", paths[k * SHARD_SIZE:(k + 1) * SHARD_SIZE],
-                                   batch_size)
-        stored = np.load(shards / f"shard_{k:05d}.latents.npy")
+        expected = reference_shard(vae, rehearsal["root"] / "train", paths[k * size:(k + 1) * size], batch_size)
+        stored = np.load(rehearsal_shards / f"shard_{k:05d}.latents.npy")
         assert stored.dtype == expected.dtype and stored.shape == expected.shape
         assert stored.tobytes() == expected.tobytes(), f"shard {k}"
 
 
-def test_killed_prep_resumes_at_the_first_unfinished_shard(rehearsal, shards, tmp_path):
+def test_killed_prep_resumes_at_the_first_unfinished_shard(rehearsal, rehearsal_shards, tmp_path):
     out = tmp_path / "shards"
     process = subprocess.Popen([sys.executable, *map(str, prep_args(rehearsal, out, "--workers", "1"))], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -239,8 +192,9 @@ def test_killed_prep_resumes_at_the_first_unfinished_shard(rehearsal, shards, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shard 1/4 done" not in result.stdout and "shard 2/4 done" not in result.stdout
     assert "shard 4/4 done" in result.stdout
-    for name in sorted(p.name for p in shards.iterdir() if p.suffix == ".npy" or p.name.endswith("done.json")):
-        assert (out / name).read_bytes() == (shards / name).read_bytes(), name
+    for name in sorted(p.name for p in rehearsal_shards.iterdir()
+                       if p.suffix == ".npy" or p.name.endswith("done.json")):
+        assert (out / name).read_bytes() == (rehearsal_shards / name).read_bytes(), name
     assert not list(out.glob("*.tmp"))
 
 
@@ -281,20 +235,39 @@ def test_bench_prep_prints_decode_encode_and_end_to_end_rows_on_the_cpu(rehearsa
             assert float(cells["host peak GiB"]) > 0
 
 
-def test_whole_loop_on_the_tiny_rehearsal(rehearsal, shards, tmp_path):
-    run = tmp_path / "run"
-    result = run_cli(*train_cli(shards, run))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpts = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+@pytest.mark.parametrize("config", ["imagenet", "imagenet-vanilla"])
+def test_both_imagenet_configs_train_a_few_steps_on_the_rehearsal_shards(config, rehearsal_shards, rehearsal_run,
+                                                                          tmp_path):
+    # each config's own recipe (optimizer, caption blocks, times, EMA, ...) with only its model shrunk
+    if config == "imagenet":
+        run = rehearsal_run  # the records tests' run: trained once
+    else:
+        run = tmp_path / "run"
+        result = run_cli(*train_cli(rehearsal_shards, run, config))
+        assert result.returncode == 0, result.stderr[-3000:]
+    losses = logged_losses(run)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(float(v)) for v in losses.values())
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt_*.pt")) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
+    logged = record.log_hyperparameters(record.log_sections((run / "log.txt").read_text()))
+    overridden = {"data", "out", "hidden", "depth", "heads", "batch_size", "max_steps", "log_every", "compile",
+                  "ckpt_every_seconds"}
+    recipe = json.loads(json.dumps(dataclasses.asdict(train_dit.CONFIGS[config])))  # tuples as the log's lists
+    assert {k: v for k, v in logged.items() if k not in overridden} == {
+        k: v for k, v in recipe.items() if k not in overridden}
+    assert (logged["hidden"], logged["depth"], logged["heads"]) == (64, 2, 2)
+    ckpt = model.load_checkpoint(run / "checkpoints" / "ckpt_0000002.pt")
+    assert ckpt["step"] == 2 and ckpt["model_config"]["depth"] == 2
+
+
+def test_whole_loop_on_the_tiny_rehearsal(rehearsal_run, rehearsal_scored_run):
+    # the trained run's checkpoints, each sampled at 100 NFE and scored by the rehearsal's Mask2Former and CLIP
+    ckpts = sorted((rehearsal_run / "checkpoints").glob("ckpt_*.pt"))
     assert len(ckpts) == 2
-    # two of the rehearsal's GenEval prompts, the ones that use CLIP (colour) and boxes (position): on this
-    # CPU a 100-NFE sample of the tiny model takes about 10 s
-    prompts = tmp_path / "prompts.jsonl"
-    data.write_metadata(prompts, [p for p in data.read_metadata(rehearsal["root"] / "evaluation_metadata.jsonl")
-                                  if p["tag"] in ("colors", "position")])
-    result = run_cli(*curve_cli(run, rehearsal, prompts), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    curve = json.loads((run / "curve.json").read_text())
-    points = curve["points"] if isinstance(curve, dict) else curve
-    assert len(points) == len(ckpts)
-    assert all(0 <= p["overall"] <= 1 for p in points)
+    points = json.loads((rehearsal_scored_run / "curve.json").read_text())
+    assert [p["step"] for p in points] == [1, 2]
+    assert all(p["nfe"] == 100 and p["geneval_metric"] == "geneval-m2f" and 0 <= p["overall"] <= 1 for p in points)
+    for p in points:
+        folder = rehearsal_scored_run / "samples" / f"ckpt_{p['step']:07d}"
+        tags = [json.loads((d / "metadata.jsonl").read_text())["tag"] for d in sorted(folder.glob("0000?"))]
+        assert tags == list(REHEARSAL_TAGS)
+        assert json.loads((folder / "scores.json").read_text())["overall"] == p["overall"]
