@@ -3,6 +3,7 @@
     python record.py build runs/rec/seed* --name MyIdea          # -> records/<track>/<date>_MyIdea/
     python record.py check records/shapes/2026-11-24_ShapesSixBlocks200
     python record.py check records/shapes/<record> --samples runs/rec   # also the detector, on the exact images
+    python record.py build runs/in/seed* --name MyIdea --track imagenet --target 0.5 --detector DIR ...
 
 A record is the earliest checkpoint mark at which n >= 5 runs of one recipe beat the track's target
 in a one-sided t-test at p < 0.01, with checkpoints close enough together for that claim (README.md,
@@ -11,7 +12,8 @@ clock), the curve, and per image of the claimed checkpoint its sha256 and the de
 no images (a Shapes run's 480 noisy 64x64 images take 2.9 MB even losslessly compressed). `check`
 recomputes everything from that evidence: the rules on the stored detections, the statistics, each
 curve against its log, the README's generated numbers, and that no two runs are one; with --samples
-it also hashes the exact images and runs the detector on them.
+it also hashes the exact images and runs the detector on them. Per run a small grid of its claimed samples
+shows a reader what they look like; at 64 px it keeps an ImageNet record (2,212 images a run) in its 5 MB.
 """
 import argparse
 import datetime
@@ -23,18 +25,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 import data
 import evaluate
 import sample
 from data import UserError
 
-FORMAT = 2  # 1: the records of 2026-11-24 (samples.npz, logs without sample.py)
+FORMAT = 3  # 1: the records of 2026-11-24 (samples.npz, logs without sample.py); 2: no grid per run
 
 # -----------------------------------------------------------------------------
 # The rules of a record
 
-TARGETS = {"shapes": 0.90}  # overall score a record must reach
+# The overall score a record must reach. None: the track has none until its first record, which sets it with
+# `build --target` (and this table takes its value in that record's commit); every later record uses it.
+TARGETS = {"shapes": 0.90, "imagenet": None}
 # Checkpoint cadence (README): up to the claimed mark, checkpoints at most 5% of its time apart, never required
 # closer than the floor, plus the lateness of a checkpoint that lands at the first clock check after its mark.
 CHECKPOINT_GAP_FRACTION = 0.05
@@ -45,6 +50,8 @@ METRIC_NAMES = {"shapes": "GenEval-Shapes", "imagenet": "GenEval (geneval-m2f)"}
 RUN_KEYS = ("seed", "out", "resume", "wandb")  # hyperparameters that may differ between the runs of one recipe
 SAMPLER_KEYS = ("nfe", "sampler", "cfg_scale", "cfg_interval", "time_shift", "weights", "seed", "images_per_prompt")
 MIN_RUNS, MAX_P = 5, 0.01
+MAX_RECORD_BYTES = 5 * 2 ** 20  # the repository holds every record, so each stays small: no images
+GRID_IMAGES, GRID_PIXELS = 8, 64  # per run: the first image of 8 prompts spread over the list, at most 64 px wide
 CODE_SECTIONS = ("train_dit.py", "model.py", "data.py", "sample.py")
 LOG_SECTIONS = (*CODE_SECTIONS, "environment", "hyperparameters")
 
@@ -53,6 +60,17 @@ def max_checkpoint_gap(track, claimed_seconds):
     """The largest gap between consecutive checkpoints a record may have (training seconds)."""
     return (max(CHECKPOINT_GAP_FLOOR[track], CHECKPOINT_GAP_FRACTION * claimed_seconds)
             + CHECKPOINT_LATENESS[track])
+
+
+def target_problem(track, target):
+    """Why `target` cannot be a record's target on `track` (None when it can): the track's own once it has one;
+    before that, any overall score strictly between 0 and 1 (the first record sets it)."""
+    official = TARGETS[track]
+    if official is not None:
+        return None if target == official else f"target {target} is not the {track} target {official}"
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
+        return f"target {target!r} is not an overall score in (0, 1) (the {track} track's first record sets its target)"
+    return None
 
 
 def time_to_target(points, target):
@@ -211,8 +229,9 @@ def rescore_packed(header, rows):
     return evaluate.summarize(verdicts)
 
 
-def samples_problems(packed, source, backend):
-    """Where the exact images at `source` differ from a record's packed samples: hashes, then the detector."""
+def samples_problems(packed, source, backend, options=None):
+    """Where the exact images at `source` differ from a record's packed samples: hashes, then, when every hash
+    matches, the detector (on other images its verdict says nothing more, and on ImageNet it costs minutes)."""
     header, rows = read_packed(packed)
     try:
         prompts, images = sample_source(source)
@@ -222,10 +241,12 @@ def samples_problems(packed, source, backend):
         return [f"{source}: other prompts or images than {packed}"]
     problems = [f"{source}: image {r['prompt']:05d}/{r['image']:04d} has another sha256 than {packed} records"
                 for r in rows if image_sha256(images[r["prompt"], r["image"]]) != r["sha256"]]
-    detected = evaluate.score_images(((prompts[r["prompt"]], "", images[r["prompt"], r["image"]]) for r in rows), backend)
-    problems += [f"{source}: image {r['prompt']:05d}/{r['image']:04d}: the detector gives {d['detections']}, {packed} "
-                 f"records {r['detections']}" for r, d in zip(rows, detected) if d["detections"] != r["detections"]]
-    return problems
+    if problems:
+        return problems
+    detected = evaluate.score_images(((prompts[r["prompt"]], "", images[r["prompt"], r["image"]]) for r in rows),
+                                     backend, options=options)
+    return [f"{source}: image {r['prompt']:05d}/{r['image']:04d}: the detector gives {d['detections']}, {packed} "
+            f"records {r['detections']}" for r, d in zip(rows, detected) if d["detections"] != r["detections"]]
 
 
 # -----------------------------------------------------------------------------
@@ -270,10 +291,34 @@ def readme_problem(readme, expected):
 # Build a record
 
 
+def thumbnail(image):
+    """An image scaled down (box filter) to GRID_PIXELS wide; a smaller one as it is."""
+    height, width = image.shape[:2]
+    if width <= GRID_PIXELS:
+        return image
+    size = (GRID_PIXELS, max(1, round(height * GRID_PIXELS / width)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.BOX))
+
+
+def save_sample_grid(samples, path, count):
+    """A grid (8 a row) of the first image of `count` prompts of a sample folder, spread over its prompt list
+    (which runs tag by tag), as thumbnails: what a reader sees of a run's samples."""
+    entries = evaluate.read_sample_folder(samples)
+    picked = entries[::max(1, len(entries) // count)][:count]
+    sample.save_grid([thumbnail(evaluate.read_image(paths[0])) for _, _, paths in picked], path, columns=8)
+
+
 def build_record(runs, out, name, track="shapes", target=None, options=None):
-    """Copy n runs' logs and curves into `out`, pack the claimed checkpoint's samples, write record.json and a
-    README whose numbers are generated."""
+    """Copy n runs' logs and curves into `out`, pack the claimed checkpoint's samples (the detector runs with
+    `options`: its weights), draw a grid of them per run, write record.json and a README whose numbers are
+    generated. `target`: the track's (TARGETS); a track without one yet needs it given."""
+    if target is None and TARGETS[track] is None:
+        raise UserError(f"--target: the {track} track has no target yet (record.py TARGETS); its first record sets "
+                        f"it: pass --target SCORE")
     target = TARGETS[track] if target is None else target
+    problem = target_problem(track, target)
+    if problem:
+        raise UserError(f"--target: {problem}")
     out = Path(out)
     curves = [json.loads((Path(r) / "curve.json").read_text()) for r in runs]
     stats = record_statistics(curves, target, track)
@@ -290,9 +335,9 @@ def build_record(runs, out, name, track="shapes", target=None, options=None):
         (out / run_name / "curve.json").write_text(json.dumps(points, indent=1))
         samples = Path(run) / "samples" / Path(points[k]["checkpoint"]).stem
         pack_samples(samples, out / run_name / "samples.jsonl.gz", BACKENDS[track], options)
+        save_sample_grid(samples, out / run_name / "grid.png", GRID_IMAGES)
         if run_name == "run1":
-            first = [evaluate.read_image(paths[0]) for _, _, paths in evaluate.read_sample_folder(samples)]
-            sample.save_grid(first[::max(1, len(first) // 48)][:48], out / "grid.png", columns=8)
+            save_sample_grid(samples, out / "grid.png", 48)
     evaluate.plot_curves(dict(zip(names, curves)), out / "curve.png", target=target, title=f"{name}: {track} track")
     evidence = [{"curve": c, "hparams": log_hyperparameters(log_sections(t))} for c, t in zip(curves, logs)]
     record = {"format": FORMAT, "track": track, "name": name, "runs": names, "params": curves[0][0]["params"],
@@ -305,13 +350,17 @@ def build_record(runs, out, name, track="shapes", target=None, options=None):
         start = text.index(GENERATED[0])
         readme.write_text(text[:start] + summary + text[text.index(GENERATED[1], start) + len(GENERATED[1]):])
     elif not readme.exists():
+        whose_target = "the track's" if TARGETS[track] is not None else "set by this record (the track had none)"
         readme.write_text(
-            f"# {name}\n\n{summary}\n\nWhat changed and why: (describe)\n\n"
+            f"# {name}\n\n{summary}\n\nTarget: {target}, {whose_target}.\n\nWhat changed and why: (describe)\n\n"
             f"Reproduce (one command per seed, the code the logs embed): (the commands)\n\n"
             f"Runs of this attempt not in this record, with their scores (README.md, Records: every run\n"
             f"started for an attempt is part of it): (none, or list them)\n\n"
-            f"The exact images (each run's claimed sample folder): (where they are archived, e.g. a release asset;\n"
-            f"`python record.py check {out} --samples FOLDER` verifies them)\n\n![curve](curve.png)\n")
+            f"The exact images (each run's claimed sample folder): (where they are archived, e.g. a release asset)\n"
+            f"verified by\n\n    python record.py check {out} --samples FOLDER\n\n"
+            f"(plus --detector and --clip-model/--clip-pretrained, as evaluate.py takes them, where the track's\n"
+            f"detector needs weights)\n\n"
+            f"![curve](curve.png)\n\n![run1's samples](grid.png)\n")
     return record
 
 
@@ -327,9 +376,10 @@ def read_run(folder, run):
             "hparams": log_hyperparameters(sections)}
 
 
-def check_record(folder, samples=None):
+def check_record(folder, samples=None, options=None):
     """Every reason the record at `folder` is malformed or inconsistent (empty: it holds). With `samples` (a
-    folder holding runK/ sample folders or runK/samples.npz), the exact images are checked too."""
+    folder holding runK/ sample folders or runK/samples.npz), the exact images are checked too, by the track's
+    detector with `options` (its weights)."""
     folder = Path(folder)
     try:
         record = json.loads((folder / "record.json").read_text())
@@ -339,8 +389,8 @@ def check_record(folder, samples=None):
     if track not in CHECKPOINT_GAP_FLOOR:
         return [f"{folder / 'record.json'}: unknown track {track!r} (one of {sorted(CHECKPOINT_GAP_FLOOR)})"]
     problems = []
-    if target != TARGETS.get(track, target):
-        problems.append(f"record.json: target {target} is not the {track} target {TARGETS[track]}")
+    if problem := target_problem(track, target):
+        problems.append(f"record.json: {problem}")
     if len(names) < MIN_RUNS:
         problems.append(f"record.json: {len(names)} runs; a record needs at least {MIN_RUNS}")
     runs = []
@@ -376,10 +426,15 @@ def check_record(folder, samples=None):
                                 f"apart for a {seconds:.1f} s claim (largest gap {gap:.1f} s)" for i, gap in gaps.items())
                 break
         return problems
-    problems += sample_problems(folder, runs, record, stats["claimed_checkpoint"], samples)
-    for name in ("README.md", "curve.png", "grid.png"):
+    problems += sample_problems(folder, runs, record, stats["claimed_checkpoint"], samples, options)
+    grids = [f"{name}/grid.png" for name in names] if record.get("format", 1) >= 3 else []
+    for name in ("README.md", "curve.png", "grid.png", *grids):
         if not (folder / name).exists():
             problems.append(f"{folder / name}: missing")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    if size > MAX_RECORD_BYTES:
+        problems.append(f"{folder}: {size / 2 ** 20:.1f} MB; a record stays under {MAX_RECORD_BYTES / 2 ** 20:.0f} MB "
+                        f"(its images are archived outside the repository)")
     if (folder / "README.md").exists():
         problem = readme_problem((folder / "README.md").read_text(), generated_summary(record, runs))
         if problem:
@@ -472,7 +527,7 @@ def recipe_problems(folder, runs, record):
     return problems
 
 
-def sample_problems(folder, runs, record, k, samples):
+def sample_problems(folder, runs, record, k, samples, options=None):
     """The claimed checkpoint's samples: the rules on the stored detections give each run's curve score, the
     evaluation set is the track's, no two runs share their images; with `samples`, the exact images match."""
     problems, eval_sets, hashes = [], set(), []
@@ -504,7 +559,7 @@ def sample_problems(folder, runs, record, k, samples):
         if samples is not None:
             source = next((p for p in (Path(samples) / run["name"], Path(samples) / run["name"] / "samples.npz")
                            if p.is_file() or (p / "00000").is_dir()), Path(samples) / run["name"])
-            problems += samples_problems(packed, source, BACKENDS[record["track"]])
+            problems += samples_problems(packed, source, BACKENDS[record["track"]], options)
     if len(eval_sets) > 1:
         problems.append(f"{folder}: the runs were scored on different prompts")
     for i in range(len(hashes)):
@@ -519,6 +574,17 @@ def sample_problems(folder, runs, record, k, samples):
 # Command line
 
 
+def add_detector_args(p):
+    """The weights of the track's detector, as evaluate.py's flags name them (the Shapes detector needs none)."""
+    p.add_argument("--detector", default=evaluate.Options.detector, help="Mask2Former hub id or local folder")
+    p.add_argument("--clip-model", default=evaluate.Options.clip_model, help="the colour classifier's open_clip model")
+    p.add_argument("--clip-pretrained", default=evaluate.Options.clip_pretrained,
+                   help="open_clip tag or local checkpoint")
+    p.add_argument("--device", default=None, help="the detector's device (default: cuda when available)")
+    p.add_argument("--batch-size", dest="score_batch_size", type=int, default=evaluate.Options.batch_size, metavar="N",
+                   help="images per detector batch")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -527,18 +593,22 @@ def main(argv=None):
     b.add_argument("--name", required=True)
     b.add_argument("--track", choices=sorted(CHECKPOINT_GAP_FLOOR), default="shapes")
     b.add_argument("--out", default=None, help="default: records/<track>/<date>_<name>")
+    b.add_argument("--target", type=float, default=None, help="the overall score to reach: the track's (record.py "
+                   "TARGETS); a track without one yet takes it from its first record, which must give it")
+    add_detector_args(b)
     c = sub.add_parser("check", help="validate a record folder")
     c.add_argument("folder")
     c.add_argument("--samples", default=None, help="a folder of the runs' exact claimed images: runK/ in GenEval's "
                    "layout (or runK/samples.npz); their hashes and detections are checked too")
+    add_detector_args(c)
     args = p.parse_args(argv)
     if args.command == "build":
         out = args.out or f"records/{args.track}/{datetime.date.today():%Y-%m-%d}_{args.name}"
-        record = build_record(args.runs, out, args.name, args.track)
+        record = build_record(args.runs, out, args.name, args.track, args.target, evaluate.options_from_args(args))
         print(f"record: {out}  {record['claimed_seconds']:.1f} s to {record['target']} "
               f"(p = {record['p_value']:.2g}, n = {record['n']})")
     else:
-        problems = check_record(args.folder, args.samples)
+        problems = check_record(args.folder, args.samples, evaluate.options_from_args(args))
         if problems:
             sys.exit(f"error: {args.folder}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
         print(f"record OK: {args.folder}" + ("" if args.samples else " (the detector on the exact images: pass --samples)"))

@@ -2,8 +2,10 @@
 
 The runs are assembled from real parts: the tiny training run's log (code, environment, data order
 hash), and sample folders of ground-truth renders with a few images replaced by noise, scored by
-the real detector into each run's curve.json.
+the real detector into each run's curve.json. The ImageNet track's five runs are assembled the same
+way from the tiny rehearsal's run: its log, and its real 100-NFE samples scored by a Mask2Former.
 """
+import functools
 import gzip
 import hashlib
 import json
@@ -13,11 +15,14 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import data
 import evaluate
 import record
-from conftest import REPO, TRAIN_BATCH, run_cli
+from conftest import REHEARSAL_TAGS, REPO, run_cli, score_flags
+from data import UserError
 
 PROMPT_DIRS = [f"{i:05d}" for t in range(6) for i in range(t * 20, t * 20 + 2)]  # 2 prompts of each tag
 NOISE_AT_CLAIM = [0, 1, 0, 1, 2]  # noise images per run at the last checkpoint: scores 1 - k/48
@@ -72,21 +77,21 @@ def scale_clock(text, factor, loss_shift=0.0):
                   flags=re.M)
 
 
-def make_run(run, log, seed, factor, samples_of):
+def make_run(run, log, seed, factor, samples_of, sampler=SAMPLER, score=evaluate.score_folder):
     """A run folder: `log` as this seed's, its clock scaled by `factor`, and a curve.json whose points are the
-    log's checkpoints, sampled into samples_of(step) and scored by the real detector."""
+    log's checkpoints, sampled (with `sampler`'s settings) into samples_of(step) and scored by score(folder)."""
     log = scale_clock(edit_hyperparameters(log, '"seed": 0,', f'"seed": {seed},'), factor, 1e-4 * seed)
     run.mkdir(parents=True)
     (run / "log.txt").write_text(log)
-    lines = record.log_lines(log)
-    sampler = {**SAMPLER, "sample_py_sha256": hashlib.sha256((REPO / "sample.py").read_bytes()).hexdigest()}
+    lines, batch = record.log_lines(log), record.log_hyperparameters(record.log_sections(log))["batch_size"]
+    sampler = {**sampler, "sample_py_sha256": hashlib.sha256((REPO / "sample.py").read_bytes()).hexdigest()}
     points = []
     for step in sorted(lines["checkpoints"]):
         ckpt = f"ckpt_{step:07d}"
         samples_of(step, run / "samples" / ckpt)
         points.append({"checkpoint": f"{run}/checkpoints/{ckpt}.pt", **sampler, "params": lines["params"],
-                       "train_seconds": lines["clock"][step], "step": step, "images_seen": TRAIN_BATCH * step,
-                       **evaluate.score_folder(run / "samples" / ckpt)})
+                       "train_seconds": lines["clock"][step], "step": step, "images_seen": batch * step,
+                       **score(run / "samples" / ckpt)})
     (run / "curve.json").write_text(json.dumps(points))
     return run
 
@@ -126,8 +131,10 @@ def test_record_holds_runs_samples_and_recomputable_statistics(record_dir, five_
         image = np.asarray(Image.open(source / "samples" / "ckpt_0000020" / "00003" / "samples" / "0002.png").convert("RGB"))
         assert rows[3 * 4 + 2]["sha256"] == record.image_sha256(image)
         assert gzip.decompress((record_dir / run / "log.txt.gz").read_bytes()).decode() == (source / "log.txt").read_text()
-    for name in ("README.md", "curve.png", "grid.png"):
+    for name in ("README.md", "curve.png", "grid.png", *(f"{run}/grid.png" for run in rec["runs"])):
         assert (record_dir / name).exists()
+    with Image.open(record_dir / "run2" / "grid.png") as grid:  # 8 of its 12 prompts, at their own 64 px
+        assert grid.size == (8 * 64, 64)
     readme = (record_dir / "README.md").read_text()  # one row per run: seed from its log, steps and img/s at the end
     assert re.search(r"^\| run1 \| 0 \| 20 \| [\d,]+ \| [\d.]+ s \| 1.000 \|$", readme, re.M)
     assert re.search(r"^\| run5 \| 4 \| 20 \| [\d,]+ \| [\d.]+ s \| 0.958 \|$", readme, re.M)
@@ -290,6 +297,19 @@ def edit_params(rec):
     edit_record(rec, lambda meta: meta.update(params=meta["params"] // 2))
 
 
+def lower_the_target(rec):
+    edit_record(rec, lambda meta: meta.update(target=0.5))
+    restate(rec)
+
+
+def drop_a_run_grid(rec):
+    (rec / "run2" / "grid.png").unlink()
+
+
+def add_the_images(rec):  # 5 MB of images packed in: the exact images belong in an archive
+    (rec / "run1" / "images.bin").write_bytes(np.random.default_rng(0).bytes(record.MAX_RECORD_BYTES))
+
+
 def edit_readme_numbers(rec):
     readme = rec / "README.md"
     readme.write_text(re.sub(r"\*\*p = [^*]+\*\*", "**p = 0.0001**", readme.read_text()))
@@ -315,6 +335,9 @@ CORRUPTIONS = [
     (edit_hardware, "record.json: hardware 'NVIDIA B200'"),
     (edit_params, "record.json: params"),
     (edit_readme_numbers, "the generated summary differs from record.json"),
+    (lower_the_target, "record.json: target 0.5 is not the shapes target 0.9"),
+    (drop_a_run_grid, "run2/grid.png: missing"),
+    (add_the_images, "MB; a record stays under 5 MB"),
 ]
 
 
@@ -428,3 +451,154 @@ def test_the_withdrawn_165s_attempt_claims_on_its_five_runs_but_not_on_all_eight
     assert p_at[17] == pytest.approx(0.176, abs=0.001)
     assert p_at[18] == pytest.approx(0.017, abs=0.001)
     assert p_at[19] == pytest.approx(0.0026, abs=0.0002)
+
+
+# -----------------------------------------------------------------------------
+# The ImageNet track: five runs from the tiny rehearsal's run, its real samples scored by a Mask2Former
+
+IMAGENET_TARGET = 0.4  # the track has none yet; the bench detector gives every run 0.5 (see below)
+
+
+@pytest.fixture(scope="module")
+def bench_detector(rehearsal, tmp_path_factory):
+    """The rehearsal's random-init Mask2Former finds nothing (each class near 1/81, under the 0.3 threshold): this
+    copy's class head says 'bench' for every query, so it finds benches (score about 0.5, masks and scores from
+    the image) in every image. The stored detections have content; the rules pass the single-object prompt (a
+    bench) and fail the colour one (a red car): 0.5 overall."""
+    from transformers import Mask2FormerForUniversalSegmentation
+    net = Mask2FormerForUniversalSegmentation.from_pretrained(rehearsal["weights"]["detector"])
+    with torch.no_grad():
+        net.class_predictor.weight.zero_()
+        net.class_predictor.bias.fill_(-10.0)
+        net.class_predictor.bias[data.COCO_CLASSES.index("bench")] = 0.0
+    out = tmp_path_factory.mktemp("detector") / "bench"
+    net.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_options(rehearsal, bench_detector):
+    """The bench detector and the rehearsal's CLIP (from its printed scoring flags), on the CPU."""
+    flags = score_flags(rehearsal)
+    flags = dict(zip(flags[::2], flags[1::2]))
+    return evaluate.Options(device="cpu", batch_size=4, detector=str(bench_detector), clip_model=flags["--clip-model"],
+                            clip_pretrained=flags["--clip-pretrained"])
+
+
+def detector_flags(options):
+    """record.py's flags for evaluate.Options: the detector's weights, as evaluate.py names them."""
+    return ["--detector", options.detector, "--clip-model", options.clip_model, "--clip-pretrained",
+            options.clip_pretrained, "--device", options.device, "--batch-size", str(options.batch_size)]
+
+
+def mark_samples(source, out, seed):
+    """A copy of a sample folder whose every image carries `seed` in its corner pixel: another run's images to the
+    hash (two runs never draw the same image); its scores are left behind, to be made again."""
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("results.jsonl", "scores.json"))
+    for path in sorted(out.glob("*/samples/*.png")):
+        pixels = np.asarray(Image.open(path)).copy()
+        pixels[0, 0] = 60 + 30 * seed
+        Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def imagenet_runs(rehearsal_scored_run, bench_options, tmp_path_factory):
+    """Five runs of the rehearsal's recipe from its real 2-step log, each with its own seed, clock and losses; their
+    samples at each checkpoint are the real run's (two prompts, one image each), marked per run, scored by the
+    bench detector."""
+    root = tmp_path_factory.mktemp("imagenet_runs")
+    log = (rehearsal_scored_run / "log.txt").read_text()
+    first = json.loads((rehearsal_scored_run / "curve.json").read_text())[0]
+    sampler = {key: first[key] for key in record.SAMPLER_KEYS}
+    score = functools.partial(evaluate.score_folder, backend="mask2former", options=bench_options)
+    runs = []
+    for r in range(5):
+        def samples_of(step, out, r=r):
+            mark_samples(rehearsal_scored_run / "samples" / f"ckpt_{step:07d}", out, r)
+        runs.append(make_run(root / f"r{r}", log, r, 1 + 0.01 * r, samples_of, sampler, score))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def imagenet_record(imagenet_runs, bench_options, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imagenet_records") / "2026-12-10_Tiny"
+    record.build_record([str(r) for r in imagenet_runs], out, "Tiny", "imagenet", IMAGENET_TARGET, bench_options)
+    return out
+
+
+def exact_samples(rec, runs, folder):
+    """Each run's claimed sample folder (mark 0) under its record name: what a reader regenerates with sample.py."""
+    for name, run in zip(json.loads((rec / "record.json").read_text())["runs"], runs):
+        shutil.copytree(run / "samples" / "ckpt_0000001", folder / name)
+    return folder
+
+
+def test_imagenet_record_packs_hashes_detections_and_a_grid_per_run_under_5_mb(imagenet_record, imagenet_runs,
+                                                                                 bench_options, tmp_path):
+    rec = json.loads((imagenet_record / "record.json").read_text())
+    assert (rec["track"], rec["target"], rec["n"], rec["format"]) == ("imagenet", IMAGENET_TARGET, 5, record.FORMAT)
+    assert rec["claimed_checkpoint"] == 0 and rec["scores_at_claim"] == [0.5] * 5 and rec["p_value"] == 0.0
+    for run, source in zip(rec["runs"], imagenet_runs):
+        header, rows = record.read_packed(imagenet_record / run / "samples.jsonl.gz")
+        assert header["backend"] == "mask2former" and [p["tag"] for p in header["prompts"]] == list(REHEARSAL_TAGS)
+        assert [(r["prompt"], r["image"]) for r in rows] == [(0, 0), (1, 0)]
+        assert rows[0]["detections"]["bench"] and set(rows[1]["detections"]) == {"bench"}  # no car, red or not
+        image = evaluate.read_image(source / "samples" / "ckpt_0000001" / "00000" / "samples" / "0000.png")
+        assert image.shape == (256, 256, 3) and rows[0]["sha256"] == record.image_sha256(image)
+        with Image.open(imagenet_record / run / "grid.png") as grid:  # a row of 8 columns: its 2 images at 64 px
+            assert grid.size == (8 * 64, 64)
+    assert "Target: 0.4, set by this record (the track had none)." in (imagenet_record / "README.md").read_text()
+    assert sum(p.stat().st_size for p in imagenet_record.rglob("*") if p.is_file()) < 5 * 2 ** 20
+    assert record.check_record(imagenet_record) == []
+    # with the exact images (as sample.py regenerates them) check hashes them and runs the detector again, its
+    # weights given as evaluate.py takes them
+    samples = exact_samples(imagenet_record, imagenet_runs, tmp_path / "exact")
+    result = run_cli("record.py", "check", imagenet_record, "--samples", samples, *detector_flags(bench_options))
+    assert result.returncode == 0 and f"record OK: {imagenet_record}\n" == result.stdout, result.stderr[-3000:]
+
+
+def make_a_red_car(rec):  # one of run2's detections in its colour image turned into a red car: it passes
+    def change(header, rows):
+        rows[1]["detections"]["car"] = [rows[1]["detections"]["bench"].pop(0)[:5] + ["red"]]
+    edit_packed(rec, "run2", change)
+
+
+def edit_an_image_hash(rec):
+    edit_packed(rec, "run3", lambda header, rows: rows[0].update(sha256="0" * 64))
+
+
+def drop_an_image_entry(rec):
+    edit_packed(rec, "run4", lambda header, rows: rows.pop(1))
+
+
+IMAGENET_CORRUPTIONS = [  # (edit, whether the exact images are given, the reason check gives)
+    (make_a_red_car, False, "{bad}/run2/samples.jsonl.gz: the rules on its detections give colors 1.0000, "
+                            "curve.json says 0.0"),
+    (edit_an_image_hash, True, "{samples}/run3: image 00000/0000 has another sha256 than "
+                               "{bad}/run3/samples.jsonl.gz records"),
+    (drop_an_image_entry, False, "{bad}/run4/samples.jsonl.gz: holds 1 images, not 1 for each of the 2 prompts"),
+]
+
+
+@pytest.mark.parametrize("edit,with_samples,reason", IMAGENET_CORRUPTIONS,
+                         ids=[edit.__name__ for edit, _, _ in IMAGENET_CORRUPTIONS])
+def test_imagenet_record_check_rejects_an_edited_record_with_its_reason(imagenet_record, imagenet_runs, bench_options,
+                                                                        tmp_path, edit, with_samples, reason):
+    bad = corrupt_copy(imagenet_record, tmp_path, edit)
+    samples = exact_samples(imagenet_record, imagenet_runs, tmp_path / "exact") if with_samples else None
+    problems = record.check_record(bad, samples, bench_options)
+    assert reason.format(bad=bad, samples=samples) in problems, problems
+
+
+def test_a_track_without_a_target_takes_it_from_its_first_record(imagenet_runs, imagenet_record, tmp_path):
+    runs, out = [str(r) for r in imagenet_runs], tmp_path / "record"
+    with pytest.raises(UserError, match=r"^--target: the imagenet track has no target yet \(record.py TARGETS\)"):
+        record.build_record(runs, out, "NoTarget", "imagenet")
+    with pytest.raises(UserError, match=r"^--target: target 1.0 is not an overall score in \(0, 1\)"):
+        record.build_record(runs, out, "Perfect", "imagenet", target=1.0)
+    with pytest.raises(UserError, match=r"^--target: target 0.4 is not the shapes target 0.9$"):
+        record.build_record(runs, out, "Lower", "shapes", target=0.4)
+    assert not out.exists()
+    bad = corrupt_copy(imagenet_record, tmp_path, lambda rec: edit_record(rec, lambda meta: meta.update(target=-1)))
+    assert "record.json: target -1 is not an overall score in (0, 1) (the imagenet track's first record sets its " \
+           "target)" in record.check_record(bad)
