@@ -10,6 +10,8 @@ Both tracks write the same shard format and are read by the same loader:
   DIR/text_tokens.npy          (n_captions, L, D) float16 per-token hidden states of the text tower
   DIR/text_pooled.npy          (n_captions, P) float16 pooled (projected) text embedding
   DIR/eval_metadata.jsonl      the track's GenEval-format evaluation prompts
+  DIR/shard_NNNNN.features.npy (n, [views,] grid*grid, width) float16 patch features of a frozen pretrained
+                               encoder (optional, `--encoder`: the external-module track's alignment targets)
 
 Run `python data.py shapes --out data/shapes` to build the GenEval-Shapes track, and
 `python data.py verify DIR [--full]` to check one: every file's size and the sha256 of its sampled
@@ -435,6 +437,104 @@ def text_encoder_from_manifest(manifest, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# Encoder features: the patch tokens of a frozen pretrained vision encoder, the alignment targets of the
+# external-module track (REPA, docs/imagenet.md "The external-module track"), computed once at prep time
+
+DEFAULT_ENCODER = "vit_base_patch14_dinov2.lvd142m"  # DINOv2 ViT-B/14 through timm: REPA's encoder
+
+
+class FeatureEncoder:
+    """Patch features of uint8 images by a frozen pretrained vision encoder, through timm.
+
+    `name` is anything timm.create_model loads with pretrained=True: a model name with its pretrained tag (from the
+    hub, or its cache offline), `hf-hub:REPO`, or `local-dir:FOLDER`, a folder in the hub's layout (config.json and
+    the weights; `save_random_encoder` writes a seeded random-init one): one loading path, only the weights differ.
+    As REPA feeds DINOv2, each image is scaled to [0, 1], normalised with the encoder's mean and std and resized
+    (bicubic) to `grid` times the encoder's patch size (ImageNet: 256 -> 224 for a 16x16 grid); timm resamples the
+    position table to that grid. The features are the patch tokens after the final norm (DINOv2's
+    x_norm_patchtokens), grid*grid of them in row-major order, the DiT's image-token order.
+    """
+
+    def __init__(self, name=DEFAULT_ENCODER, grid=16, device="cpu"):
+        import timm
+        try:
+            encoder = timm.create_model(name, pretrained=True, dynamic_img_size=True)
+        except Exception as e:  # hub unreachable, unknown name, missing files, ...
+            raise UserError(
+                f"encoder {name!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]}); on a "
+                f"machine with network run `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` "
+                f"to fill the Hugging Face cache (HF_HUB_OFFLINE=1 then reads it), or pass local-dir:FOLDER") from None
+        self.name, self.grid = name, grid
+        self.weights_sha256 = weights_sha256(encoder)
+        self.device = torch.device(device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.encoder = encoder.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.size = grid * encoder.patch_embed.patch_size[0]
+        self.width = encoder.embed_dim
+        self.mean, self.std = (torch.tensor(encoder.pretrained_cfg[k], device=self.device).view(1, -1, 1, 1)
+                               for k in ("mean", "std"))
+
+    @torch.no_grad()
+    def encode(self, images):
+        """uint8 images (B, H, W, 3) on the device -> features (B, grid*grid, width), float32 on the device."""
+        x = (images.permute(0, 3, 1, 2).float() / 255 - self.mean) / self.std
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic")
+        tokens = self.encoder.forward_features(x.to(self.dtype))
+        return tokens[:, self.encoder.num_prefix_tokens:].float()
+
+    def encode_pairs(self, images):
+        """uint8 images (B, H, W, 3) on the device -> (B, 2, grid*grid, width) float16 on the device: each image's
+        features (view 0) and its horizontal flip's (view 1), as the ImageNet shards store the latents."""
+        return torch.stack(self.encode(torch.cat([images, images.flip(2)])).half().chunk(2), dim=1)
+
+    def encode_shard(self, pixels, batch_size=256):
+        """A Shapes shard's uint8 pixels (n, 3, H, W) -> (n, grid*grid, width) float16, in batches."""
+        images = torch.from_numpy(pixels).permute(0, 2, 3, 1)
+        return np.concatenate([self.encode(images[i:i + batch_size].to(self.device)).half().cpu().numpy()
+                               for i in range(0, len(images), batch_size)])
+
+    def flops_per_image(self):
+        """Counted FLOPs of one image's features (matmuls, attention; the resize is left out)."""
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as counter:
+            self.encode(torch.zeros((1, self.size, self.size, 3), dtype=torch.uint8, device=self.device))
+        return counter.get_total_flops()
+
+    def manifest_section(self):
+        """The manifest's `features` section: which encoder (and its weights' sha256), the grid, width and layout."""
+        cfg = self.encoder.pretrained_cfg
+        return {"encoder": self.name, "weights_sha256": self.weights_sha256, "grid": self.grid, "width": self.width,
+                "input_size": self.size, "dtype": "float16",
+                "resize": f"the stored crop, scaled to [0, 1], normalised (mean {list(cfg['mean'])}, std "
+                          f"{list(cfg['std'])}), bicubic to {self.size}x{self.size}",
+                "tokens": "patch tokens after the final norm (timm forward_features), row-major"}
+
+
+def weights_sha256(module):
+    """sha256 of a model's weights as loaded: every tensor's name, dtype, shape and bytes, in name order (the same
+    for a .safetensors or a .bin file of the same tensors)."""
+    h = hashlib.sha256()
+    for name, x in sorted(module.state_dict().items()):
+        x = x.detach().cpu().contiguous()
+        h.update(f"{name} {x.dtype} {tuple(x.shape)};".encode())
+        h.update(x.view(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
+
+
+def save_random_encoder(folder, name=DEFAULT_ENCODER, overrides=None, seed=0):
+    """A seeded random-init timm model in the hub's layout (config.json, model.safetensors), loadable as
+    local-dir:FOLDER: the stand-in for the pretrained weights offline. `overrides` (e.g. a tiny width, for tests) are
+    saved as its model_args. Returns the parameter count."""
+    import timm
+    from timm.models import save_for_hf
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = timm.create_model(name, pretrained=False, **(overrides or {}))
+    save_for_hf(encoder, str(folder), model_args=overrides, safe_serialization=True)
+    return sum(p.numel() for p in encoder.parameters())
+
+
+# -----------------------------------------------------------------------------
 # The shard format
 
 def _sha256(path, chunk=1 << 22):
@@ -465,14 +565,18 @@ def _file_entry(root, name):
             "sampled_sha256": _sampled_sha256(path)}
 
 
-def write_shard(root, index, latents, caption_ids):
-    """Write one shard; returns its manifest entry."""
+def write_shard(root, index, latents, caption_ids, features=None):
+    """Write one shard (with its encoder features, if any); returns its manifest entry."""
     stem = f"shard_{index:05d}"
     np.save(Path(root) / f"{stem}.latents.npy", latents)
     np.save(Path(root) / f"{stem}.captions.npy", caption_ids.astype(np.int32))
-    return {"count": len(latents),
-            "latents": _file_entry(root, f"{stem}.latents.npy"),
-            "captions": _file_entry(root, f"{stem}.captions.npy")}
+    entry = {"count": len(latents),
+             "latents": _file_entry(root, f"{stem}.latents.npy"),
+             "captions": _file_entry(root, f"{stem}.captions.npy")}
+    if features is not None:
+        np.save(Path(root) / f"{stem}.features.npy", features)
+        entry["features"] = _file_entry(root, f"{stem}.features.npy")
+    return entry
 
 
 def write_text_table(root, captions, encoder):
@@ -574,6 +678,15 @@ def check_manifest_fields(manifest, path):
             raise UserError(f"{path}: field 'latent.{name}' must be {shape[0]} finite numbers, one per channel"
                             + (", each > 0" if name == "std" else ""))
     _field(latent, "autoencoder", str, path, "latent.")
+    if "features" in manifest:  # encoder features: every shard has its file
+        features = _field(manifest, "features", dict, path)
+        for name in ("encoder", "weights_sha256"):
+            _field(features, name, str, path, "features.")
+        for name in ("grid", "width"):
+            if _field(features, name, int, path, "features.") <= 0:
+                raise UserError(f"{path}: field 'features.{name}' must be > 0")
+        for k, shard in enumerate(manifest["shards"]):
+            file_entry(_field(shard, "features", dict, path, f"shards[{k}]."), f"shards[{k}].features.")
 
 
 def verify_files(root, manifest, full=True):
@@ -584,7 +697,8 @@ def verify_files(root, manifest, full=True):
     replaced, swapped and zero-filled files in milliseconds, but not a flipped byte between windows
     (`python data.py verify DIR --full` or train_dit.py --verify_full true catches those).
     """
-    entries = [f for s in manifest["shards"] for f in (s["latents"], s["captions"])] + manifest["text"]["files"]
+    parts = ("latents", "captions", "features") if "features" in manifest else ("latents", "captions")
+    entries = [s[part] for s in manifest["shards"] for part in parts] + manifest["text"]["files"]
     for entry in entries:
         path = Path(root) / entry["file"]
         if not path.is_file():
@@ -599,8 +713,10 @@ def verify_files(root, manifest, full=True):
 
 
 def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, text_model="ViT-B-32",
-                 text_pretrained=None, text_seed=0, text_seq_len=16, text_overrides=None, log=print):
-    """Generate the GenEval-Shapes track: training shards, caption table, eval metadata, manifest."""
+                 text_pretrained=None, text_seed=0, text_seq_len=16, text_overrides=None, feature_encoder=None, log=print):
+    """Generate the GenEval-Shapes track: training shards, caption table, eval metadata, manifest; with `feature_encoder`
+    (a FeatureEncoder), each scene's encoder features too (no pretrained encoder is offline: the plumbing, on a
+    random-init one)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = [min(shard_size, n_train - start) for start in range(0, n_train, shard_size)]
@@ -610,9 +726,11 @@ def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, 
                            total=len(counts), desc="rendering scenes", unit="shard", disable=not sys.stderr.isatty()))
     captions = sorted({c for _, shard_captions in shards for c in shard_captions})
     caption_id = {c: i for i, c in enumerate(captions)}
-    entries = [write_shard(out, k, images, np.array([caption_id[c] for c in shard_captions]))
+    entries = [write_shard(out, k, images, np.array([caption_id[c] for c in shard_captions]),
+                           feature_encoder.encode_shard(images) if feature_encoder else None)
                for k, (images, shard_captions) in enumerate(shards)]
-    log(f"shapes: {n_train} scenes in {len(entries)} shards, {len(captions)} unique captions")
+    log(f"shapes: {n_train} scenes in {len(entries)} shards, {len(captions)} unique captions"
+        + (f", features of {feature_encoder.name}" if feature_encoder else ""))
     encoder = TextEncoder(text_model, text_pretrained, text_seed, text_seq_len, text_overrides)
     text = write_text_table(out, captions, encoder)
     write_metadata(out / "eval_metadata.jsonl", shapes_eval_prompts(seed))
@@ -623,6 +741,7 @@ def build_shapes(out, n_train=100_000, seed=0, shard_size=10_000, workers=None, 
         "text": {"name": text_model, "pretrained": text_pretrained, "seed": text_seed,
                  "overrides": text_overrides, **text},
         "eval_metadata": "eval_metadata.jsonl",
+        **({"features": feature_encoder.manifest_section()} if feature_encoder else {}),
     })
     log(f"shapes: wrote {out}/manifest.json")
     return manifest
@@ -826,66 +945,87 @@ def image_loader(src, paths, chunks, workers, pin_memory, prefetch=2):
 
 
 class EncodeQueue:
-    """The encode stage: batches of uint8 images on the device -> float16 (B, 2, 4, 32, 32) latents on the host.
+    """The encode stage: batches of uint8 images on the device -> float16 (B, 2, 4, 32, 32) latents on the host,
+    and with `feature_encoder` (a FeatureEncoder) their (B, 2, grid*grid, width) encoder features.
 
-    Each batch's latents are copied back into pinned memory without waiting; a batch is collected only when
+    Each batch's outputs are copied back into pinned memory without waiting; a batch is collected only when
     more than `depth` are in flight, so the host prepares the next batch while the GPU encodes this one.
     `gpu_wait` adds up the seconds the host waited for the GPU (the GPU is then the binding resource).
     """
 
-    def __init__(self, vae, depth=2):
-        self.vae, self.depth = vae, depth
+    def __init__(self, vae, depth=2, feature_encoder=None):
+        self.vae, self.depth, self.feature_encoder = vae, depth, feature_encoder
         self.cuda = vae.device.type == "cuda"
         self.inflight = deque()
         self.gpu_wait = 0.0
 
     def submit(self, images, key):
-        z = self.vae.encode_pairs(images)
+        outputs = [self.vae.encode_pairs(images)]
+        if self.feature_encoder:
+            outputs.append(self.feature_encoder.encode_pairs(images))
         event = None
         if self.cuda:
-            host = torch.empty(z.shape, dtype=z.dtype, pin_memory=True)
-            host.copy_(z, non_blocking=True)
+            hosts = [torch.empty(z.shape, dtype=z.dtype, pin_memory=True) for z in outputs]
+            for host, z in zip(hosts, outputs):
+                host.copy_(z, non_blocking=True)
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.vae.device))
         else:
-            host = z
-        self.inflight.append((key, event, host))
+            hosts = outputs
+        self.inflight.append((key, event, hosts))
         return self.collect(self.depth)
 
     def collect(self, depth=0):
-        """[(key, float16 latents)] of the oldest batches, until at most `depth` are in flight."""
+        """[(key, [float16 latents, float16 features (with `feature_encoder`)])] of the oldest batches, until at most
+        `depth` are in flight."""
         done = []
         while len(self.inflight) > depth:
-            key, event, host = self.inflight.popleft()
+            key, event, hosts = self.inflight.popleft()
             if event is not None:
                 start = time.perf_counter()
                 event.synchronize()
                 self.gpu_wait += time.perf_counter() - start
-            done.append((key, host.numpy().astype(np.float16)))
+            done.append((key, [host.numpy().astype(np.float16) for host in hosts]))
         return done
 
 
-def _write_imagenet_shard(root, k, latents, caption_ids, skipped):
-    """One shard's files, each landing atomically (tmp + rename), the done marker last."""
+def save_npy_parts(f, parts, row_shape):
+    """np.save of the float16 concatenation of `parts` (arrays of rows of `row_shape`), written part by part: a
+    shard's features (7.9 GB for 10,000 ImageNet images) are never copied into one array."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float16)),
+                                             "fortran_order": False, "shape": (sum(map(len, parts)), *row_shape)})
+    for part in parts:
+        f.write(np.ascontiguousarray(part, np.float16).tobytes())
+
+
+def _write_imagenet_shard(root, k, latents, caption_ids, skipped, features=None, feature_encoder=None):
+    """One shard's files, each landing atomically (tmp + rename), the done marker last; with `feature_encoder`
+    (a FeatureEncoder), the `features` (a list of parts) too, and the done marker names its weights."""
     stem = Path(root) / f"shard_{k:05d}"
     latents = np.concatenate(latents) if latents else np.zeros(
         (0, 2, 4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), np.float16)
     for name, array in (("latents", latents), ("captions", caption_ids.astype(np.int32))):
         atomic_write(Path(f"{stem}.{name}.npy"), lambda f: np.save(f, array))
-    done = json.dumps({"count": len(latents), "skipped": skipped}).encode()
+    if feature_encoder is not None:
+        atomic_write(Path(f"{stem}.features.npy"),
+                     lambda f: save_npy_parts(f, features, (2, feature_encoder.grid ** 2, feature_encoder.width)))
+    done = json.dumps({"count": len(latents), "skipped": skipped,
+                       "features_sha256": feature_encoder.weights_sha256 if feature_encoder else None}).encode()
     atomic_write(Path(f"{stem}.done.json"), lambda f: f.write(done))
     return len(latents)
 
 
 def encode_imagenet_shards(root, src, paths, caption_ids, shards, shard_size, vae, batch_size=64, workers=8,
-                           chunk_size=32, prefetch=2, write=True, log=print, n_shards=None):
-    """Decode, crop and encode the given shards (each image and its flip), streaming.
+                           chunk_size=32, prefetch=2, write=True, log=print, n_shards=None, feature_encoder=None):
+    """Decode, crop and encode the given shards (each image and its flip), streaming; with
+    `feature_encoder` (a FeatureEncoder), the encoder features of each image and its flip from the same batches.
 
     Worker processes decode chunks of files (`image_loader`); this process copies each chunk to the device
     as it arrives (pinned memory, non-blocking), encodes `batch_size` kept images of a shard at a time, in
     file order (the batches are the same as the prep has always made, so the latents are too), and a
     writer thread saves each finished shard while the next is encoded. The host holds at most
-    workers x prefetch chunks, one batch and the current shard's latents (16 KiB per image).
+    workers x prefetch chunks, one batch and the current shard's latents (16 KiB per image) and features
+    (DINOv2-B at a 16x16 grid: 768 KiB per image, 7.9 GB for a 10,000-image shard: a smaller --shard-size holds less).
     Returns timing: images, skipped, seconds, loader_wait (host waiting for decoded images), gpu_wait.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -893,8 +1033,9 @@ def encode_imagenet_shards(root, src, paths, caption_ids, shards, shard_size, va
     cuda = vae.device.type == "cuda"
     loader = image_loader(src, paths, imagenet_chunks(shards, shard_size, len(paths), chunk_size), workers,
                           pin_memory=cuda, prefetch=prefetch)
-    queue_ = EncodeQueue(vae)
-    state = {}  # shard -> {"latents": [...], "kept": [...], "skipped": [...], "open": batches in flight or to come}
+    queue_ = EncodeQueue(vae, feature_encoder=feature_encoder)
+    state = {}  # shard -> {"latents": [...], "features": [...], "kept": [...], "skipped": [...], "open": batches in
+    # flight or to come}
     buffer, buffered = [], 0
     writer, writes = ThreadPoolExecutor(1), []
     stats = dict(images=0, skipped=0, loader_wait=0.0)
@@ -902,14 +1043,16 @@ def encode_imagenet_shards(root, src, paths, caption_ids, shards, shard_size, va
 
     def write_shard(k, s):
         ids = caption_ids[np.array(s["kept"], np.int64)]
-        count = _write_imagenet_shard(root, k, s["latents"], ids, s["skipped"]) if write else len(ids)
+        count = _write_imagenet_shard(root, k, s["latents"], ids, s["skipped"], s["features"], feature_encoder) if write \
+            else len(ids)
         log(f"imagenet: shard {k + 1}/{n_shards} done ({count} images, {len(s['skipped'])} skipped, "
             f"{stats['images'] / (time.perf_counter() - start_time):.0f} img/s so far)")
 
     def collected(done):
-        for k, latents in done:
+        for k, (latents, *encoded) in done:
             s = state[k]
             s["latents"].append(latents)
+            s["features"] += encoded
             s["open"] -= 1
             if s["open"] == 0 and s["closed"]:
                 writes.append(writer.submit(write_shard, k, state.pop(k)))
@@ -933,7 +1076,8 @@ def encode_imagenet_shards(root, src, paths, caption_ids, shards, shard_size, va
             if item is None:
                 break
             k, start, stop, images, kept, skipped = item
-            s = state.setdefault(k, {"latents": [], "kept": [], "skipped": [], "open": 0, "closed": False})
+            s = state.setdefault(k, {"latents": [], "features": [], "kept": [], "skipped": [], "open": 0,
+                                     "closed": False})
             s["kept"] += kept
             s["skipped"] += skipped
             stats["images"] += len(kept)
@@ -960,8 +1104,9 @@ def encode_imagenet_shards(root, src, paths, caption_ids, shards, shard_size, va
 
 def build_imagenet(src, out, vae=DEFAULT_VAE, captions_file=None, seed=0, shard_size=10_000, batch_size=64,
                    workers=8, vae_config=None, rank=0, world_size=1, device="cpu", channels_last=False,
-                   compile=False, chunk_size=32, prefetch=2, log=print):
-    """ImageNet -> shards of SD-VAE latents (image and flip) + a caption-feature table + manifest.
+                   compile=False, chunk_size=32, prefetch=2, encoder=None, encoder_grid=16, log=print):
+    """ImageNet -> shards of SD-VAE latents (image and flip) + a caption-feature table + manifest; with `encoder`
+    (FeatureEncoder's name), each image's and flip's encoder features on a `encoder_grid` square too.
 
     Each rank encodes the shards k with k % world_size == rank; a shard whose done marker exists is
     skipped, so a killed prep restarts at its first unfinished shard. Rank 0 then writes the text
@@ -978,8 +1123,10 @@ def build_imagenet(src, out, vae=DEFAULT_VAE, captions_file=None, seed=0, shard_
     if todo:
         autoencoder = VAEAutoencoder(vae, vae_config, seed, device=device, channels_last=channels_last,
                                      compile=compile, compile_batch=batch_size)
+        feature_encoder = FeatureEncoder(encoder, encoder_grid, device) if encoder else None
         stats = encode_imagenet_shards(out, src, paths, caption_ids, todo, shard_size, autoencoder, batch_size,
-                                       workers, chunk_size, prefetch, log=log, n_shards=n_shards)
+                                       workers, chunk_size, prefetch, log=log, n_shards=n_shards,
+                                       feature_encoder=feature_encoder)
         log(f"imagenet: rank {rank}: {stats['images']} images in {len(todo)} shards, {stats['skipped']} skipped, "
             f"{stats['seconds']:.1f} s ({stats['images'] / max(stats['seconds'], 1e-9):.0f} img/s; waited "
             f"{stats['loader_wait']:.1f} s for decoded images, {stats['gpu_wait']:.1f} s for the encoder)")
@@ -987,10 +1134,18 @@ def build_imagenet(src, out, vae=DEFAULT_VAE, captions_file=None, seed=0, shard_
 
 
 def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text_model=DEFAULT_TEXT_MODEL,
-                    text_pretrained="openai", text_overrides=None, seed=0, device="cpu", log=print):
-    """Rank 0, after every shard is done: latent statistics, text table, manifest with every skip listed."""
+                    text_pretrained="openai", text_overrides=None, seed=0, encoder=None, encoder_grid=16, device="cpu",
+                    log=print):
+    """Rank 0, after every shard is done: latent statistics, text table, manifest with every skip listed (and with
+    `encoder`, the features section, every shard's features checked to come from that encoder's weights)."""
     out = Path(out)
     done = [json.loads((out / f"shard_{k:05d}.done.json").read_text()) for k in range(n_shards)]
+    feature_encoder = FeatureEncoder(encoder, encoder_grid, device) if encoder else None
+    for k, d in enumerate(done):
+        if feature_encoder and d.get("features_sha256") != feature_encoder.weights_sha256:
+            raise UserError(f"{out / f'shard_{k:05d}.done.json'}: its features come from "
+                            f"{'other encoder weights' if d.get('features_sha256') else 'no encoder'}, not {encoder!r} "
+                            f"(sha256 {feature_encoder.weights_sha256[:12]}...); remove the shard's files and prep again")
     s1, s2, count = np.zeros(0), np.zeros(0), 0
     for k in range(n_shards):
         z = np.load(out / f"shard_{k:05d}.latents.npy", mmap_mode="r")
@@ -1003,11 +1158,14 @@ def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text
             count += block.size // block.shape[2]
     mean = s1 / max(count, 1)
     std = np.sqrt(np.maximum(s2 / max(count, 1) - mean ** 2, 1e-12))
-    encoder = TextEncoder(text_model, text_pretrained, seed=0, seq_len=77, overrides=text_overrides, device=device)
-    text = write_text_table(out, table, encoder)
+    text_encoder = TextEncoder(text_model, text_pretrained, seed=0, seq_len=77, overrides=text_overrides,
+                               device=device)
+    text = write_text_table(out, table, text_encoder)
     skipped = [s for d in done for s in d["skipped"]]
     entries = [{"count": d["count"], "latents": _file_entry(out, f"shard_{k:05d}.latents.npy"),
-                "captions": _file_entry(out, f"shard_{k:05d}.captions.npy")} for k, d in enumerate(done)]
+                "captions": _file_entry(out, f"shard_{k:05d}.captions.npy"),
+                **({"features": _file_entry(out, f"shard_{k:05d}.features.npy")} if feature_encoder else {})}
+               for k, d in enumerate(done)]
     manifest = write_manifest(out, {
         "track": "imagenet", "seed": seed, "count": sum(d["count"] for d in done), "shards": entries,
         "skipped_count": len(skipped), "skipped": skipped,
@@ -1017,9 +1175,13 @@ def finish_imagenet(out, table, n_shards, vae=DEFAULT_VAE, vae_config=None, text
                    "stored": "posterior mean of the image (view 0) and of its horizontal flip (view 1)"},
         "text": {"name": text_model, "pretrained": text_pretrained, "seed": 0, "overrides": text_overrides, **text},
         "eval_metadata": None,
+        **({"features": {**feature_encoder.manifest_section(), "views": 2,
+                         "stored": "features of the image (view 0) and of its horizontal flip (view 1)"}}
+           if feature_encoder else {}),
     })
     log(f"imagenet: {manifest['count']} images in {n_shards} shards, {len(skipped)} skipped, "
-        f"{len(table)} unique captions; wrote {out}/manifest.json")
+        f"{len(table)} unique captions" + (f", features of {encoder}" if feature_encoder else "")
+        + f"; wrote {out}/manifest.json")
     return manifest
 
 # -----------------------------------------------------------------------------
@@ -1346,7 +1508,9 @@ def encoder_flops_per_image(vae):
 def bench_prep(args, log=print):
     """Time the prep's stages on a source tree and print one table: decode-only (CPU workers), encode-only
     (pre-decoded images in pinned memory, through the prep's copy / encode / copy-back path) and end to end
-    (the prep's own encode_imagenet_shards, shards written to a scratch folder), with peak memory."""
+    (the prep's own encode_imagenet_shards, shards written to a scratch folder), with peak memory. With
+    --encoder, a row of the feature encoder alone (each image with its flip) and end-to-end rows that store
+    the features too."""
     import shutil
     import tempfile
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
@@ -1435,7 +1599,21 @@ def bench_prep(args, log=print):
                 warmup_s=warm)
             if ips > best.get(variant, (0, 0))[0]:
                 best[variant] = (ips, batch)
-    # 3. end to end: the prep's pipeline, each variant at its best batch, with each worker count
+    feature_encoder = FeatureEncoder(args.encoder, args.encoder_grid, device) if args.encoder else None
+    feature_flops = 2 * feature_encoder.flops_per_image() if feature_encoder else 0  # each image with its flip
+    if feature_encoder:  # the feature encoder alone: every pre-decoded image with its flip, at the largest batch
+        batch = max(args.batch_sizes)
+        feature_encoder.encode_pairs(pool[:batch].to(device))
+        gpu_reset()
+        start = time.perf_counter()
+        for i in range(0, len(pool), batch):
+            feature_encoder.encode_pairs(pool[i:i + batch].to(device, non_blocking=True)).cpu()
+        seconds = time.perf_counter() - start
+        row(stage="features", workers="", batch=batch, variant=args.encoder, seconds=seconds,
+            img_s=len(pool) / seconds, gflop_img=feature_flops / 1e9,
+            tflop_s=len(pool) * feature_flops / seconds / 1e12,
+            gpu_gib=gpu_peak(), host_gib="", loader_wait="", gpu_wait="")
+    # 3. end to end: the prep's pipeline, each variant at its best batch, with each worker count (and the features)
     scratch = Path(tempfile.mkdtemp(prefix="bench-prep-", dir=args.scratch))
     try:
         for variant in [v for v in args.variants if v in best]:
@@ -1446,10 +1624,12 @@ def bench_prep(args, log=print):
                 with HostMemory() as memory:
                     stats = encode_imagenet_shards(scratch, args.src, paths, np.zeros(len(paths), np.int64), [0],
                                                    len(paths), vae, batch, workers, args.chunk_size, args.prefetch,
-                                                   log=lambda *a: None)
-                row(stage="end-to-end", workers=workers, batch=batch, variant=variant, seconds=stats["seconds"],
-                    img_s=stats["images"] / stats["seconds"], gflop_img=flops / 1e9,
-                    tflop_s=stats["images"] * flops / stats["seconds"] / 1e12, gpu_gib=gpu_peak(),
+                                                   log=lambda *a: None,
+                                                   feature_encoder=feature_encoder)
+                row(stage="end-to-end" + (" + features" if feature_encoder else ""), workers=workers, batch=batch,
+                    variant=variant, seconds=stats["seconds"],
+                    img_s=stats["images"] / stats["seconds"], gflop_img=(flops + feature_flops) / 1e9,
+                    tflop_s=stats["images"] * (flops + feature_flops) / stats["seconds"] / 1e12, gpu_gib=gpu_peak(),
                     host_gib=memory.peak / 2 ** 30, loader_wait=stats["loader_wait"], gpu_wait=stats["gpu_wait"])
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -1512,24 +1692,27 @@ def autoencoder_from_manifest(manifest, device="cpu"):
 # -----------------------------------------------------------------------------
 # Synthetic shards: random contents in a track's shapes, for benchmarks (train_dit.py --bench)
 
-# The tensor shapes each track's shards hold: latents (C, H, W), views per sample, caption tokens.
+# The tensor shapes each track's shards hold: latents (C, H, W), views per sample, caption tokens, and the encoder
+# features' grid side and width (DINOv2 ViT-B/14 at the grid of the track's configs: patch 8 on Shapes, 2 on ImageNet).
 TRACK_SHAPES = {
-    "shapes": dict(latent_shape=(3, IMAGE_SIZE, IMAGE_SIZE), views=1, seq_len=16, width=512, pooled_width=512),
+    "shapes": dict(latent_shape=(3, IMAGE_SIZE, IMAGE_SIZE), views=1, seq_len=16, width=512, pooled_width=512,
+                   features_grid=8, features_width=768),
     # SD-VAE latents of the image and its flip; ViT-L-14 token features (python data.py imagenet).
     "imagenet": dict(latent_shape=(4, IMAGENET_SIZE // 8, IMAGENET_SIZE // 8), views=2, seq_len=77, width=768,
-                     pooled_width=768),
+                     pooled_width=768, features_grid=16, features_width=768),
 }
 
 
-def build_synthetic(out, track, n=2048, n_captions=256, seed=0):
-    """Shards of seeded random latents and text features in `track`'s shapes (built once, then reused).
+def build_synthetic(out, track, n=2048, n_captions=256, seed=0, features=False):
+    """Shards of seeded random latents and text features (and with `features`, encoder features) in `track`'s
+    shapes (built once, then reused).
 
     They go through the same ShardDataset and Loader as real data, so a benchmark times the real
     input path (gather, pin, copy) without needing the real data.
     """
     out = Path(out)
     try:
-        if read_manifest(out).get("synthetic") == [track, n, n_captions, seed]:
+        if read_manifest(out).get("synthetic") == [track, n, n_captions, seed, features]:
             return out
     except UserError:  # none yet, or another format version: (re)built below
         pass
@@ -1537,7 +1720,13 @@ def build_synthetic(out, track, n=2048, n_captions=256, seed=0):
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     latents = rng.standard_normal((n, shape["views"], *shape["latent_shape"]), np.float32).astype(np.float16)
-    entries = [write_shard(out, 0, latents if shape["views"] > 1 else latents[:, 0], rng.integers(0, n_captions, n))]
+    encoded = None
+    if features:  # ImageNet's: 1.6 GB for 2048 images with their flips, drawn in parts
+        rows = (shape["features_grid"] ** 2, shape["features_width"])
+        encoded = np.concatenate([rng.standard_normal((min(256, n - i), shape["views"], *rows), np.float32)
+                                  .astype(np.float16) for i in range(0, n, 256)])
+    entries = [write_shard(out, 0, latents if shape["views"] > 1 else latents[:, 0], rng.integers(0, n_captions, n),
+                           None if encoded is None else encoded if shape["views"] > 1 else encoded[:, 0])]
     for name, table_shape in (("text_tokens.npy", (n_captions, shape["seq_len"], shape["width"])),
                               ("text_pooled.npy", (n_captions, shape["pooled_width"]))):
         np.save(out / name, rng.standard_normal(table_shape, np.float32).astype(np.float16))
@@ -1546,10 +1735,12 @@ def build_synthetic(out, track, n=2048, n_captions=256, seed=0):
     if shape["views"] > 1:
         latent["views"] = shape["views"]
     write_manifest(out, {
-        "track": track, "synthetic": [track, n, n_captions, seed], "seed": seed, "count": n, "shards": entries,
-        "latent": latent,
+        "track": track, "synthetic": [track, n, n_captions, seed, features], "seed": seed, "count": n,
+        "shards": entries, "latent": latent,
         "text": {"seq_len": shape["seq_len"], "width": shape["width"], "pooled_width": shape["pooled_width"],
                  "files": [_file_entry(out, name) for name in ("text_tokens.npy", "text_pooled.npy")]},
+        **({"features": {"encoder": "synthetic (random features)", "weights_sha256": "", "grid": shape["features_grid"],
+                         "width": shape["features_width"], "dtype": "float16"}} if features else {}),
     })
     return out
 
@@ -1575,11 +1766,15 @@ class ShardDataset:
         # Every array's shape is checked against the manifest here, not met as an IndexError mid-run.
         self.text_tokens = self._array("text_tokens.npy", "r", (None, text["seq_len"], text["width"]))
         self.text_pooled = self._array("text_pooled.npy", "r", (len(self.text_tokens), text["pooled_width"]))
-        # views > 1 (ImageNet: the image and its flip) add an axis after the sample axis.
+        # views > 1 (ImageNet: the image and its flip) add an axis after the sample axis, to the features too.
         self.views = latent.get("views", 1)
-        view_axis = (self.views,) if "views" in latent else ()
-        self.latents = [self._array(s["latents"]["file"], "r", (s["count"], *view_axis, *self.latent_shape))
+        self.view_axis = (self.views,) if "views" in latent else ()
+        self.latents = [self._array(s["latents"]["file"], "r", (s["count"], *self.view_axis, *self.latent_shape))
                         for s in shards]
+        features = self.manifest.get("features")
+        self.features = None if features is None else [
+            self._array(s["features"]["file"], "r", (s["count"], *self.view_axis, features["grid"] ** 2,
+                                                     features["width"])) for s in shards]
         self.caption_ids = np.concatenate([self._array(s["captions"]["file"], None, (s["count"],)) for s in shards])
         if not np.all((self.caption_ids >= 0) & (self.caption_ids < len(self.text_tokens))):
             raise UserError(f"{self.root}: caption indices outside the {len(self.text_tokens)}-caption table")
@@ -1602,21 +1797,25 @@ class ShardDataset:
     def __len__(self):
         return int(self.starts[-1])
 
-    def gather(self, indices, views=None):
-        """Raw arrays for the given global sample indices (any order), each in its view (default 0)."""
-        latents = np.empty((len(indices), *self.latent_shape), self.latents[0].dtype)
+    def gather(self, indices, views=None, features=False):
+        """Raw arrays for the given global sample indices (any order), each in its view (default 0); with
+        `features`, the encoder features too."""
+        stored = {"latents": self.latents, **({"features": self.features} if features else {})}
+        out = {name: np.empty((len(indices), *arrays[0].shape[1 + len(self.view_axis):]), arrays[0].dtype)
+               for name, arrays in stored.items()}
         shard = np.searchsorted(self.starts, indices, side="right") - 1
         for k in np.unique(shard):
             rows = np.nonzero(shard == k)[0]
             local = indices[rows] - self.starts[k]
             order = np.argsort(local)  # read each shard front to back
-            chosen = self.latents[k][local[order]]
-            if chosen.ndim > len(self.latent_shape) + 1:  # a views axis: keep each sample's view
-                chosen = chosen[np.arange(len(rows)), 0 if views is None else views[rows[order]]]
-            latents[rows[order]] = chosen
+            for name, arrays in stored.items():
+                chosen = arrays[k][local[order]]
+                if self.view_axis:  # keep each sample's view
+                    chosen = chosen[np.arange(len(rows)), 0 if views is None else views[rows[order]]]
+                out[name][rows[order]] = chosen
         caption_ids = self.caption_ids[indices]
-        return {"latents": latents, "text_tokens": self.text_tokens[caption_ids],
-                "text_pooled": self.text_pooled[caption_ids], "caption_ids": caption_ids}
+        return {**out, "text_tokens": self.text_tokens[caption_ids], "text_pooled": self.text_pooled[caption_ids],
+                "caption_ids": caption_ids}
 
 
 def epoch_order(n, seed, epoch):
@@ -1651,16 +1850,18 @@ def global_batch_views(n, views, seed, position, indices):
 
 
 class Loader:
-    """Global batches in the fixed seeded order, split across ranks without overlap.
+    """Global batches in the fixed seeded order, split across ranks without overlap: (latents, text tokens, pooled
+    text, caption ids, encoder features or None), the features read only with `features`.
 
     Resumes from a sample offset (`position`). A background thread gathers the next batches and
     copies them to the device on its own CUDA stream, so the training step never waits on the host.
     """
 
-    def __init__(self, dataset, batch_size, seed, position=0, rank=0, world_size=1, device="cpu", prefetch=3):
+    def __init__(self, dataset, batch_size, seed, position=0, rank=0, world_size=1, device="cpu", prefetch=3,
+                 features=False):
         if batch_size % world_size:
             raise ValueError(f"global batch {batch_size} does not split over {world_size} ranks")
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.dataset, self.batch_size, self.seed, self.features = dataset, batch_size, seed, features
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.position = position  # samples consumed by batches handed out so far
         # On the device once: a per-batch copy of a pageable CPU tensor would block the host on the GPU.
@@ -1692,7 +1893,7 @@ class Loader:
             idx = global_batch_indices(len(self.dataset), self.seed, position, self.batch_size)
             views = global_batch_views(len(self.dataset), self.dataset.views, self.seed, position, idx)
             mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-            raw = self.dataset.gather(idx[mine], views[mine])
+            raw = self.dataset.gather(idx[mine], views[mine], self.features)
             batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in raw.items()}
             event = None
             if stream is not None:
@@ -1717,7 +1918,8 @@ class Loader:
                 v.record_stream(current)
         self.position += self.batch_size
         latents = (batch["latents"].float() - self.mean) / self.std
-        return latents, batch["text_tokens"].float(), batch["text_pooled"].float(), batch["caption_ids"]
+        return (latents, batch["text_tokens"].float(), batch["text_pooled"].float(), batch["caption_ids"],
+                batch.get("features"))
 
     def close(self):
         self._stop.set()
@@ -1743,12 +1945,12 @@ def prepare_imagenet(args):
                          shard_size=args.shard_size, batch_size=args.batch_size, workers=args.workers,
                          vae_config=args.vae_config, rank=rank, world_size=world_size, device=device,
                          channels_last=args.channels_last, compile=args.compile, chunk_size=args.chunk_size,
-                         prefetch=args.prefetch)
+                         prefetch=args.prefetch, encoder=args.encoder, encoder_grid=args.encoder_grid)
     if world_size > 1:
         dist.barrier()
     if rank == 0:
         finish_imagenet(args.out, job["table"], job["n_shards"], args.vae, args.vae_config, seed=args.seed,
-                        device=device, **text)
+                        encoder=args.encoder, encoder_grid=args.encoder_grid, device=device, **text)
     if world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -1773,6 +1975,15 @@ def add_prep_speed_args(p, bench=False):
                    help="let cuDNN time its convolution algorithms (GPU; may change the last bits)")
 
 
+def add_encoder_args(p, grid):
+    """--encoder and --encoder-grid: the frozen encoder whose patch features the shards also store."""
+    p.add_argument("--encoder", default=None, help=f"also store each image's patch features of this frozen timm "
+                   f"encoder (the external-module track): a name with its pretrained tag, e.g. {DEFAULT_ENCODER}, "
+                   f"hf-hub:REPO or local-dir:FOLDER (python data.py random-encoder writes a random-init one)")
+    p.add_argument("--encoder-grid", type=int, default=grid, help="features per side: the model's image tokens per "
+                   f"side (latent side / patch size; default {grid})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -1786,6 +1997,7 @@ def main(argv=None):
     s.add_argument("--text-pretrained", default=None, help="open_clip pretrained tag; default: seeded random init")
     s.add_argument("--text-seed", type=int, default=0)
     s.add_argument("--text-seq-len", type=int, default=16)
+    add_encoder_args(s, grid=8)
     m = sub.add_parser("imagenet", help="encode ImageNet train into shards (under torchrun, each rank its shards)")
     m.add_argument("--src", required=True, help="ImageNet train folder: n01440764/*.JPEG, ...")
     m.add_argument("--out", default="data/imagenet")
@@ -1801,6 +2013,7 @@ def main(argv=None):
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shard-size", type=int, default=10_000)
     add_prep_speed_args(m)
+    add_encoder_args(m, grid=16)
     r = sub.add_parser("rehearsal", help="fabricate offline what the hubs would give: an ImageNet-layout tree "
                        "with odd files, random-init weights of the real models in the hubs' layouts")
     r.add_argument("--out", required=True)
@@ -1824,13 +2037,21 @@ def main(argv=None):
     b.add_argument("--text-overrides", type=json.loads, default=None)
     b.add_argument("--text-captions", type=int, default=4096)
     add_prep_speed_args(b, bench=True)
+    add_encoder_args(b, grid=16)
+    e = sub.add_parser("random-encoder", help="write a seeded random-init timm encoder in the hub's folder layout "
+                       "(the stand-in for pretrained weights offline; load it as --encoder local-dir:OUT)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--model", default=DEFAULT_ENCODER, help="timm model name (its architecture is what counts)")
+    e.add_argument("--seed", type=int, default=0)
     v = sub.add_parser("verify", help="check a shard directory against its manifest")
     v.add_argument("root")
     v.add_argument("--full", action="store_true", help="hash every byte (default: sizes + sampled sha256 windows)")
     args = p.parse_args(argv)
     if args.command == "shapes":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         build_shapes(args.out, args.n_train, args.seed, args.shard_size, args.workers, args.text_model,
-                     args.text_pretrained, args.text_seed, args.text_seq_len)
+                     args.text_pretrained, args.text_seed, args.text_seq_len,
+                     feature_encoder=FeatureEncoder(args.encoder, args.encoder_grid, device) if args.encoder else None)
     elif args.command == "imagenet":
         prepare_imagenet(args)
     elif args.command == "rehearsal":
@@ -1840,6 +2061,10 @@ def main(argv=None):
             if not set(variant.split("+")) <= {"eager", "channels_last", "compile"}:
                 raise UserError(f"--variants: {variant!r} is not eager, channels_last, compile or a + of them")
         bench_prep(args)
+    elif args.command == "random-encoder":
+        params = save_random_encoder(args.out, args.model, seed=args.seed)
+        print(f"{args.out}: random-init {args.model} ({params / 1e6:.1f}M parameters, seed {args.seed}); "
+              f"pass --encoder local-dir:{args.out}")
     elif args.command == "verify":
         dataset = ShardDataset(args.root, verify="full" if args.full else "fast")
         check = "every byte hashed" if args.full else "sizes and sampled sha256 windows; --full hashes every byte"

@@ -5,6 +5,10 @@ width, optionally pass through caption-only blocks (`text_blocks`), and attend t
 image tokens in every block (one shared attention, as in DiT's in-context conditioning). The
 pooled caption embedding joins the timestep embedding in the adaLN-Zero modulation. A learned
 null caption replaces the text for classifier-free guidance.
+
+With `align_depth` (the external-module track), a projector maps the image tokens after that many
+joint blocks to the width of a frozen encoder's patch features, for REPA's alignment loss; the
+forward pass computes it only when asked (`align=True`, in training), so sampling never pays for it.
 """
 import dataclasses
 import hashlib
@@ -34,6 +38,9 @@ class DiTConfig:
     text_dim: int = 512  # width of the text tower's token features
     pooled_dim: int = 512  # width of the pooled caption embedding
     prediction: str = "velocity"  # network output: "velocity", or "image" (x-prediction, turned into velocity)
+    align_depth: int = 0  # joint blocks before the image tokens that the projector aligns (REPA); 0: no projector
+    align_width: int = 0  # width of the encoder features the projector maps to
+    projector_width: int = 2048  # hidden width of the projector MLP
 
     @property
     def image_tokens(self):
@@ -153,6 +160,18 @@ class DiTBlock(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
+class Projector(nn.Module):
+    """REPA's projector: a 3-layer MLP with SiLU, per image token, from the model width to the encoder's."""
+
+    def __init__(self, hidden, width, out):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, out))
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
 class FinalLayer(nn.Module):
     def __init__(self, hidden, out_dim):
         super().__init__()
@@ -169,7 +188,8 @@ class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         if (cfg.input_size % cfg.patch_size or cfg.hidden % cfg.heads or cfg.hidden % 4
-                or cfg.prediction not in ("velocity", "image")):
+                or cfg.prediction not in ("velocity", "image") or not 0 <= cfg.align_depth <= cfg.depth
+                or (cfg.align_depth and cfg.align_width <= 0)):
             raise ValueError(f"inconsistent DiT config: {cfg}")
         self.cfg = cfg
         p, C = cfg.patch_size, cfg.in_channels
@@ -181,10 +201,12 @@ class DiT(nn.Module):
                                          for _ in range(cfg.text_blocks))
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(cfg.hidden, p * p * C)
+        self.projector = Projector(cfg.hidden, cfg.projector_width, cfg.align_width) if cfg.align_depth else None
         self.initialize()
 
     def initialize(self):
-        # DiT's init: xavier linears, N(0, 0.02) timestep MLP, zeroed adaLN and output (identity blocks).
+        # DiT's init: xavier linears (the projector's too, as REPA's), N(0, 0.02) timestep MLP, zeroed adaLN and
+        # output (identity blocks).
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -204,8 +226,9 @@ class DiT(nn.Module):
         B, C, p, g = x.shape[0], self.cfg.in_channels, self.cfg.patch_size, self.cfg.input_size // self.cfg.patch_size
         return x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
 
-    def forward(self, x, t, text_tokens, text_pooled, drop=None):
-        """Velocity prediction for latents x (B, C, H, W) at times t (B,) given caption features."""
+    def forward(self, x, t, text_tokens, text_pooled, drop=None, align=False):
+        """Velocity prediction for latents x (B, C, H, W) at times t (B,) given caption features; with align, also
+        the projected image tokens after block `align_depth`, (B, image tokens, align_width)."""
         # The residual stream stays in the layers' dtype (bf16 under autocast): the fp32 position tables would
         # promote it, and an fp32 stream doubles the bytes of every elementwise pass (H100, shapes-gpu step:
         # 17.9 -> 17.1 ms; 16.3-16.5 ms with the QK-norm layout above; records/shapes-baseline-tuning.md, section 15).
@@ -216,13 +239,15 @@ class DiT(nn.Module):
             text = block(text)
         c = self.t_embed(t) + pooled
         h = torch.cat([image, text], dim=1)
-        for block in self.blocks:
+        for depth, block in enumerate(self.blocks, start=1):
             h = block(h, c)
+            if align and depth == self.cfg.align_depth:
+                aligned = self.projector(h[:, :image.shape[1]])
         out = self.unpatchify(self.final(h[:, :image.shape[1]], c))
         if self.cfg.prediction == "image":
             # x_t = (1 - t) x + t noise  =>  velocity = (x_t - x) / t; the clamp bounds it near t = 0.
-            return (x - out) / t.clamp(min=0.05).view(-1, 1, 1, 1)
-        return out
+            out = (x - out) / t.clamp(min=0.05).view(-1, 1, 1, 1)
+        return (out, aligned) if align else out
 
 
 def param_count(model):
@@ -233,7 +258,8 @@ def flops_per_image(cfg: DiTConfig, training=True):
     """Matmul FLOPs for one image through the model (x3 for forward + backward when training).
 
     Counted from the layer shapes: every linear layer at 2*in*out per token it sees, attention at
-    2*N*N*D for scores plus 2*N*N*D for the weighted sum, per block. Elementwise ops are left out.
+    2*N*N*D for scores plus 2*N*N*D for the weighted sum, per block. Elementwise ops are left out. The
+    projector (align_depth > 0) runs in training only.
     """
     D, N_img, N_txt = cfg.hidden, cfg.image_tokens, cfg.text_len
     N, M = N_img + N_txt, int(D * cfg.mlp_ratio)
@@ -245,7 +271,9 @@ def flops_per_image(cfg: DiTConfig, training=True):
              + N_txt * 2 * cfg.text_dim * D + 2 * cfg.pooled_dim * D  # text projections
              + 2 * 256 * D + 2 * D * D  # timestep MLP
              + 2 * D * 2 * D + N_img * 2 * D * pp_c)  # final adaLN + output projection
-    return 3 * flops if training else flops
+    P = cfg.projector_width
+    projector = N_img * 2 * (D * P + P * P + P * cfg.align_width) if cfg.align_depth else 0
+    return 3 * (flops + projector) if training else flops
 
 
 # -----------------------------------------------------------------------------

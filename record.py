@@ -55,6 +55,32 @@ GRID_IMAGES, GRID_PIXELS = 8, 64  # per run: the first image of 8 prompts spread
 CODE_SECTIONS = ("train_dit.py", "model.py", "data.py", "sample.py")
 LOG_SECTIONS = (*CODE_SECTIONS, "environment", "hyperparameters")
 
+# The external-module tracks (README, "Tracks"): `<track>-external` allows frozen pretrained modules that are not
+# generative models and keeps its benchmark's rules; the basic tracks allow none. A run uses one when its
+# hyperparameters align to an encoder; the record names the encoder and its weights' sha256 (from the logs).
+EXTERNAL = "-external"
+for rules in (TARGETS, CHECKPOINT_GAP_FLOOR, CHECKPOINT_LATENESS, BACKENDS, METRIC_NAMES):
+    rules.update({track + EXTERNAL: value for track, value in list(rules.items())})
+
+
+def log_encoder(text):
+    """{name, weights_sha256} of the pretrained encoder a run's log says it aligned to (None: none)."""
+    found = re.search(r"^align: .*; encoder (\S+) weights_sha256=(\w*)", text, re.M)
+    return {"name": found[1], "weights_sha256": found[2]} if found else None
+
+
+def track_problems(track, where, text, hparams, encoder):
+    """Why a run does not belong in `track` (empty when it does): a basic track refuses a run whose hyperparameters
+    use an external module; in an external track every run names the record's `encoder`."""
+    if not track.endswith(EXTERNAL):
+        if hparams.get("align_weight", 0) > 0:
+            return [f"{where}: its hyperparameters use a pretrained encoder (align_weight {hparams['align_weight']}), "
+                    f"which the basic track {track!r} forbids; pack it as {track}{EXTERNAL}"]
+        return []
+    if log_encoder(text) != encoder:
+        return [f"{where}: aligned to {log_encoder(text)}, record.json names the encoder {encoder}"]
+    return []
+
 
 def max_checkpoint_gap(track, claimed_seconds):
     """The largest gap between consecutive checkpoints a record may have (training seconds)."""
@@ -320,6 +346,11 @@ def build_record(runs, out, name, track="shapes", target=None, options=None):
     if problem:
         raise UserError(f"--target: {problem}")
     out = Path(out)
+    logs = [read_log(r) for r in runs]
+    encoder = log_encoder(logs[0])
+    for run, text in zip(runs, logs):
+        for problem in track_problems(track, run, text, log_hyperparameters(log_sections(text)), encoder):
+            raise UserError(problem)
     curves = [json.loads((Path(r) / "curve.json").read_text()) for r in runs]
     stats = record_statistics(curves, target, track)
     if stats["claimed_checkpoint"] is None:
@@ -327,7 +358,6 @@ def build_record(runs, out, name, track="shapes", target=None, options=None):
                         f"with checkpoints at most {CHECKPOINT_GAP_FRACTION:.0%} of its time apart")
     k = stats["claimed_checkpoint"]
     names = [f"run{i + 1}" for i in range(len(runs))]
-    logs = [read_log(r) for r in runs]
     out.mkdir(parents=True, exist_ok=True)
     for run, run_name, log_text, points in zip(runs, names, logs, curves):
         (out / run_name).mkdir(exist_ok=True)
@@ -341,7 +371,8 @@ def build_record(runs, out, name, track="shapes", target=None, options=None):
     evaluate.plot_curves(dict(zip(names, curves)), out / "curve.png", target=target, title=f"{name}: {track} track")
     evidence = [{"curve": c, "hparams": log_hyperparameters(log_sections(t))} for c, t in zip(curves, logs)]
     record = {"format": FORMAT, "track": track, "name": name, "runs": names, "params": curves[0][0]["params"],
-              "hardware": log_lines(logs[0])["hardware"], **stats}
+              "hardware": log_lines(logs[0])["hardware"], **stats,
+              **({"encoder": encoder} if track.endswith(EXTERNAL) else {})}
     (out / "record.json").write_text(json.dumps(record, indent=1))
     summary = generated_summary(record, evidence)
     readme = out / "README.md"
@@ -403,6 +434,7 @@ def check_record(folder, samples=None, options=None):
             continue
         run["name"] = name
         problems += run_problems(folder, run, record)
+        problems += track_problems(track, folder / name, run["log"], run["hparams"], record.get("encoder"))
         runs.append(run)
     if len(runs) < len(names):
         return problems

@@ -90,6 +90,10 @@ class Hyperparameters:
     time_mean: float = 1.0  # logit-normal location; > 0 trains more at high noise, where layout forms (section 10)
     time_std: float = 1.0  # logit-normal scale
     text_dropout: float = 0.1  # fraction of captions replaced by the null caption (for guidance)
+    # representation alignment (REPA): the external-module track, on data with encoder features (data.py --encoder)
+    align_weight: float = 0.0  # weight of REPA's loss, -cos(projected token, encoder feature); 0: off (basic tracks)
+    align_depth: int = 2  # joint blocks before the aligned image tokens (REPA: 4 of SiT-B's 12, 8 of SiT-XL's 28)
+    projector_width: int = 2048  # hidden width of the 3-layer MLP projector (REPA's)
     # clock and checkpoints
     budget_seconds: float = 200.0  # training-clock seconds
     max_steps: int = 0  # also stop after this many steps (0: no limit)
@@ -156,14 +160,24 @@ CONFIGS = {
         cfg_interval=(0.0, 1.0), log_every=50, eval_per_tag=0),
 }
 
+# The external-module track (README, "Tracks"): `imagenet` plus REPA's alignment (Yu et al. 2024) to the patch features
+# of DINOv2 ViT-B/14 (REPA's encoder) that `data.py imagenet --encoder vit_base_patch14_dinov2.lvd142m` stores in the
+# shards (docs/imagenet.md, "The external-module track"). NOT measured on ImageNet here.
+CONFIGS["imagenet-external"] = dataclasses.replace(
+    CONFIGS["imagenet"], out="runs/imagenet-external",
+    align_weight=0.5,  # REPA's lambda for every model size
+    align_depth=4,  # REPA aligns SiT-B's 4th of 12 blocks (SiT-L's and XL's 8th): this is B/2 with 12 joint blocks
+    projector_width=2048)  # REPA's projector: Linear-SiLU-Linear-SiLU-Linear, hidden width 2048
+
 # Allowed values, checked when the flags are read: a bad value fails at once, naming its flag.
 CHOICES = {"track": sorted(data.TRACK_SHAPES), "prediction": ["image", "velocity"], "optimizer": ["adamw", "muon"],
            "time_sampling": ["logit_normal", "uniform"], "sample_weights": ["ema", "model"]}
 RANGES = [
     (("hidden", "depth", "heads", "mlp_ratio", "patch_size", "batch_size", "log_every", "ckpt_every_seconds",
-      "time_shift"), "> 0", lambda v: v > 0),
+      "time_shift", "align_depth", "projector_width"), "> 0", lambda v: v > 0),
     (("lr", "muon_lr", "lr_warmup_steps", "weight_decay", "grad_clip", "time_std", "budget_seconds", "max_steps",
-      "compile_warmup_steps", "micro_batch_size", "text_blocks", "eval_per_tag"), ">= 0", lambda v: v >= 0),
+      "compile_warmup_steps", "micro_batch_size", "text_blocks", "eval_per_tag", "align_weight"), ">= 0",
+     lambda v: v >= 0),
     (("beta1", "beta2", "muon_momentum"), "in [0, 1)", lambda v: 0 <= v < 1),
     (("ema_decay", "text_dropout", "lr_cooldown"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("time_mean", "cfg_scale"), "finite", math.isfinite),
@@ -228,6 +242,8 @@ def parse_args(argv=None):
                 p.error(f"argument --{name.replace('_', '-')}: must be {rule}, got {getattr(hp, name)!r}")
     if hp.hidden % hp.heads:
         p.error(f"argument --heads: {hp.heads} does not divide --hidden {hp.hidden}")
+    if hp.align_weight and hp.align_depth > hp.depth:
+        p.error(f"argument --align-depth: {hp.align_depth} is past the model's --depth {hp.depth} blocks")
     return hp, argparse.Namespace(name=config, overrides=overrides, bench=args.bench, bench_steps=args.bench_steps,
                                   bench_profile=args.bench_profile)
 
@@ -269,10 +285,11 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     # =========================================================================
     # Data: the fixed seeded order, split over ranks
 
+    aligning = hp.align_weight > 0
     if run.bench:  # random shards in the track's shapes, through the real dataset and loader code
-        hp = dataclasses.replace(hp, data=f"data/bench-{hp.track}")
+        hp = dataclasses.replace(hp, data=f"data/bench-{hp.track}" + ("-features" if aligning else ""))
         if local_rank == 0:  # one writer per node
-            data.build_synthetic(hp.data, hp.track)
+            data.build_synthetic(hp.data, hp.track, features=aligning)
         if world_size > 1:
             dist.barrier()
     dataset = data.ShardDataset(hp.data, verify="full" if hp.verify_full else "fast")
@@ -321,6 +338,11 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         f"(dataset seed {order_seed}) verified={'full' if hp.verify_full else 'fast'}")
     log(f"model: {asdict(cfg)}", echo=False)
     log(f"params: {n_params:,}  training GFLOP/image: {model.flops_per_image(cfg) / 1e9:.2f}")
+    if aligning:  # record.py reads the encoder from this line
+        features = dataset.manifest["features"]
+        log(f"align: weight {hp.align_weight} after joint block {hp.align_depth} of {hp.depth}, projector width "
+            f"{hp.projector_width}; encoder {features['encoder']} weights_sha256={features['weights_sha256']} "
+            f"({features['grid']}x{features['grid']}x{features['width']} patch features, precomputed in the data)")
     if hp.resume:
         log(f"resumed from {hp.resume}: step {step}, {train_seconds:.1f} s of training clock")
     wandb_run = start_wandb(hp, log) if hp.wandb and master else None
@@ -339,7 +361,8 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
 
     if hp.compile and use_cuda and hp.compile_warmup_steps > 0 and run.bench != "sample":
         saved = [copy.deepcopy(m.state_dict()) for m in (raw_model, ema, *optimizers)]
-        warm_loader = data.Loader(dataset, hp.batch_size, order_seed, position, rank, world_size, device)
+        warm_loader = data.Loader(dataset, hp.batch_size, order_seed, position, rank, world_size, device,
+                                  features=aligning)
         batch = next(warm_loader)
         warm_loader.close()
         t0 = time.perf_counter()
@@ -370,7 +393,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     # =========================================================================
     # Training loop: read the losses and the clock every log_every steps; checkpoint on marks of the clock
 
-    loader = data.Loader(dataset, hp.batch_size, order_seed, position, rank, world_size, device)
+    loader = data.Loader(dataset, hp.batch_size, order_seed, position, rank, world_size, device, features=aligning)
     last_checkpoint = hp.resume or None
     # SIGTERM (preemption) or SIGINT (Ctrl-C): finish the step, checkpoint, exit 0. With several ranks the stop
     # is agreed at the next log interval, together with the clock, so that all ranks stop at the same step.
@@ -378,7 +401,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stop_signals.append(signal.Signals(signum).name))
     next_ckpt = (train_seconds // hp.ckpt_every_seconds + 1) * hp.ckpt_every_seconds
-    losses, grad_norms = [], []
+    losses, grad_norms, align_losses = [], [], []
     stopping = False
     # The bar shows only on a terminal; clamped to the budget, since the last interval ends past it.
     bar = tqdm(total=hp.budget_seconds, initial=min(train_seconds, hp.budget_seconds), unit="s", desc="training clock",
@@ -386,20 +409,21 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     sync(device)
     segment_start = time.perf_counter()
     while train_seconds < hp.budget_seconds and not (hp.max_steps and step >= hp.max_steps):
-        loss, grad_norm = step_fn(step, next(loader), train_seconds)
+        loss, grad_norm, align_loss = step_fn(step, next(loader), train_seconds)
         losses.append(loss)
         grad_norms.append(grad_norm)
+        align_losses.append(align_loss)
         step += 1
         at_max_steps = hp.max_steps and step >= hp.max_steps
         if step % hp.log_every and not at_max_steps and not (stop_signals and world_size == 1):
             continue
         # One host sync per log interval: the losses and gradient norms, then the clock and any stop request
         # (the same on every rank).
-        readings = torch.stack([torch.stack(losses), torch.stack(grad_norms)])
-        if world_size > 1:  # each rank's loss is its slice's mean: log the global batch's mean
-            readings[0] = readings[0] / world_size
-            dist.all_reduce(readings[0])
-        loss_values, norm_values = readings.tolist()
+        readings = torch.stack([torch.stack(losses), torch.stack(align_losses), torch.stack(grad_norms)])
+        if world_size > 1:  # each rank's losses are its slice's means: log the global batch's means
+            readings[:2] = readings[:2] / world_size
+            dist.all_reduce(readings[:2])
+        loss_values, align_values, norm_values = readings.tolist()
         sync(device)
         clock = torch.tensor([train_seconds + time.perf_counter() - segment_start, float(bool(stop_signals))],
                              device=device)
@@ -411,14 +435,18 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
             log(f"step {first + i} loss {value:.5f}", echo=False)
         check_finite(hp, first, loss_values, norm_values, last_checkpoint, log)
         rate = hp.batch_size * len(loss_values) / max(clock - train_seconds, 1e-9)
+        align_mean = sum(align_values) / len(align_values)
         log(f"step {step} | train {clock:.3f} s | loss {sum(loss_values) / len(loss_values):.4f} | "
-            f"{rate:.0f} img/s | images {step * hp.batch_size}", echo=bar.disable)
+            f"{rate:.0f} img/s | images {step * hp.batch_size}" + (f" | align {align_mean:.4f}" if aligning else ""),
+            echo=bar.disable)
         bar.update(min(clock, hp.budget_seconds) - bar.n)
         bar.set_postfix_str(f"step {step}, loss {loss_values[-1]:.4f}, {rate:.0f} img/s")
         if wandb_run:
-            wandb_run.log({"loss": loss_values[-1], "train_seconds": clock, "img_per_s": rate}, step=step)
+            wandb_run.log({"loss": loss_values[-1], "train_seconds": clock, "img_per_s": rate,
+                           **({"align": align_values[-1]} if aligning else {})}, step=step)
         losses.clear()
         grad_norms.clear()
+        align_losses.clear()
         train_seconds = clock
         done = train_seconds >= hp.budget_seconds or at_max_steps or stopping
         if train_seconds >= next_ckpt or done:  # the clock is stopped while the checkpoint is written
@@ -463,16 +491,27 @@ def sync(device):
 
 
 def model_config(hp, dataset):
-    """The DiT's config: the recipe's model fields and the data's latent and caption shapes."""
+    """The DiT's config: the recipe's model fields and the data's latent and caption shapes; aligning, the projector's
+    and the width of the data's encoder features, which must lie on the grid of the model's image tokens."""
     channels, size, _ = dataset.latent_shape
     text = dataset.manifest["text"]
-    cfg = model.DiTConfig(input_size=size, in_channels=channels, patch_size=hp.patch_size, hidden=hp.hidden,
-                          depth=hp.depth, heads=hp.heads, mlp_ratio=hp.mlp_ratio, qk_norm=hp.qk_norm,
-                          text_len=text["seq_len"], text_blocks=hp.text_blocks, text_dim=text["width"],
-                          pooled_dim=text["pooled_width"], prediction=hp.prediction)
     if size % hp.patch_size:
         raise UserError(f"--patch-size {hp.patch_size} does not divide the data's {size}x{size} latents")
-    return cfg
+    align = {}
+    if hp.align_weight > 0:
+        features, grid, where = dataset.manifest.get("features"), size // hp.patch_size, Path(hp.data) / "manifest.json"
+        if features is None:
+            raise UserError(f"{where}: no encoder features (field 'features'), which --align-weight {hp.align_weight} "
+                            f"needs: build the data with --encoder (data.py), or pass --align-weight 0")
+        if features["grid"] != grid:
+            raise UserError(f"{where}: encoder features on a {features['grid']}x{features['grid']} grid, the model's "
+                            f"image tokens are {grid}x{grid} (--patch-size {hp.patch_size}); build the data with "
+                            f"--encoder-grid {grid}")
+        align = dict(align_depth=hp.align_depth, align_width=features["width"], projector_width=hp.projector_width)
+    return model.DiTConfig(input_size=size, in_channels=channels, patch_size=hp.patch_size, hidden=hp.hidden,
+                           depth=hp.depth, heads=hp.heads, mlp_ratio=hp.mlp_ratio, qk_norm=hp.qk_norm,
+                           text_len=text["seq_len"], text_blocks=hp.text_blocks, text_dim=text["width"],
+                           pooled_dim=text["pooled_width"], prediction=hp.prediction, **align)
 
 
 def build_optimizers(hp, raw_model):
@@ -586,11 +625,19 @@ def draw_noise(hp, step, latent_shape, generator, rank, world_size):
     return noise[mine], t[mine], drop[mine]
 
 
+def alignment_loss(projected, features):
+    """REPA's loss: minus the cosine similarity of each projected image token (B, N, E) to the encoder's feature of
+    its patch of the clean image (B, N, E), averaged over the tokens and the images."""
+    return -(F.normalize(projected.float(), dim=-1) * F.normalize(features.float(), dim=-1)).sum(-1).mean()
+
+
 def train_step(step, batch, seconds, *, hp, model, optimizers, ema_params, model_params, autocast, generator,
                latent_shape, rank, world_size):
-    """One update: flow matching on x_t = (1 - t) x + t noise, target velocity noise - x. Returns the loss and the
-    gradient norm on the device (read once per log interval)."""
-    latents, text_tokens, text_pooled, _ = batch
+    """One update: flow matching on x_t = (1 - t) x + t noise, target velocity noise - x, plus align_weight times the
+    alignment loss. Returns the flow-matching loss, the gradient norm and the alignment loss (0 when off) on the
+    device (read once per log interval)."""
+    latents, text_tokens, text_pooled, _, features = batch
+    aligning = hp.align_weight > 0
     noise, t, drop = draw_noise(hp, step, latent_shape, generator, rank, world_size)
     x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
     scale = lr_scale(hp, step, seconds)
@@ -598,15 +645,22 @@ def train_step(step, batch, seconds, *, hp, model, optimizers, ema_params, model
         group["lr"] = group["peak_lr"] * scale
     per_rank = len(latents)
     micro = hp.micro_batch_size or per_rank
-    loss = 0.0
+    loss, align = 0.0, torch.zeros((), device=latents.device)
     for start in range(0, per_rank, micro):
         part = slice(start, start + micro)
         last = start + micro >= per_rank
         # DDP all-reduces gradients on the last chunk only; the chunks' losses add up to the batch mean.
         with (model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()), autocast:
-            velocity = model(x_t[part], t[part], text_tokens[part], text_pooled[part], drop[part])
-        chunk_loss = F.mse_loss(velocity.float(), (noise - latents)[part]) * (len(velocity) / per_rank)
-        chunk_loss.backward()
+            output = model(x_t[part], t[part], text_tokens[part], text_pooled[part], drop[part], align=aligning)
+        velocity, projected = output if aligning else (output, None)
+        share = len(velocity) / per_rank
+        chunk_loss = F.mse_loss(velocity.float(), (noise - latents)[part]) * share
+        if aligning:
+            chunk_align = alignment_loss(projected, features[part]) * share
+            (chunk_loss + hp.align_weight * chunk_align).backward()
+            align = align + chunk_align.detach()
+        else:
+            chunk_loss.backward()
         loss = loss + chunk_loss.detach()
     # The gradient norm is read with the loss to catch a non-finite step; after DDP's all-reduce it is the same
     # on every rank, so every rank skips (or not) alike.
@@ -629,7 +683,7 @@ def train_step(step, batch, seconds, *, hp, model, optimizers, ema_params, model
         opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, model_params, ema_weight)
-    return loss.detach(), grad_norm.detach()
+    return loss.detach(), grad_norm.detach(), align
 
 
 def check_finite(hp, first, loss_values, norm_values, last_checkpoint, log):
@@ -681,14 +735,15 @@ def environment_report():
 def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_size, device):
     """Times bench_steps training steps twice: on one batch reused (the step alone) and fed by the loader (the
     step as training runs it); their difference is the loader's share of the step."""
-    loader = data.Loader(dataset, hp.batch_size, dataset.manifest["seed"], 0, rank, world_size, device)
+    loader = data.Loader(dataset, hp.batch_size, dataset.manifest["seed"], 0, rank, world_size, device,
+                         features=hp.align_weight > 0)
     batch = next(loader)
 
     def timed(next_batch):
         sync(device)
         start = time.perf_counter()
         for i in range(run.bench_steps):
-            loss, _ = step_fn(i, next_batch(), 0.0)
+            loss, _, _ = step_fn(i, next_batch(), 0.0)
         loss.item()  # one host sync, at the end
         sync(device)
         return (time.perf_counter() - start) / run.bench_steps
@@ -702,6 +757,8 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
     loader.close()
     flops = model.flops_per_image(cfg)
     report = {"bench": "train", "model": f"{cfg.hidden}x{cfg.depth}/{cfg.patch_size}", "track": hp.track,
+              "align": f"block {cfg.align_depth}, projector {cfg.projector_width}, weight {hp.align_weight}"
+              if cfg.align_depth else "off",
               "latent": dataset.latent_shape, "text_tokens": cfg.text_len, "batch": hp.batch_size,
               "world_size": world_size, "optimizer": hp.optimizer, "compile": bool(hp.compile and use_cuda),
               "params": n_params, "gflop_per_image": flops / 1e9, "ms_per_step": 1e3 * step_alone,
@@ -784,7 +841,8 @@ def format_bench(r):
             lines.append(line)
         return "\n".join(lines)
     line = (f"bench train | {r['model']} {r['track']} {'x'.join(map(str, r['latent']))} + {r['text_tokens']} text tokens | "
-            f"batch {r['batch']} on {r['world_size']} rank(s) | {r['optimizer']} | compile {r['compile']} | "
+            f"batch {r['batch']} on {r['world_size']} rank(s) | {r['optimizer']} | align {r['align']} | "
+            f"compile {r['compile']} | "
             f"params {r['params'] / 1e6:.1f}M | {r['gflop_per_image']:.1f} GFLOP/img | {r['ms_per_step']:.1f} ms/step | "
             f"{r['img_per_s']:.0f} img/s | loader share {100 * r['loader_share']:+.1f}%")
     if "mfu" in r:

@@ -104,13 +104,19 @@ def test_synthetic_shards_have_the_track_shapes_and_are_built_once(tmp_path):
     shape = data.TRACK_SHAPES["imagenet"]
     assert len(dataset) == 64 and dataset.latent_shape == shape["latent_shape"] and dataset.views == 2
     loader = data.Loader(dataset, 4, seed=0)
-    latents, tokens, pooled, _ = next(loader)
+    latents, tokens, pooled, _, features = next(loader)
     loader.close()
     assert latents.shape == (4, 4, 32, 32) and tokens.shape == (4, 77, 768) and pooled.shape == (4, 768)
+    assert features is None and dataset.features is None
     assert data.build_synthetic(tmp_path / "syn", "imagenet", n=64, n_captions=8) == root
     assert (root / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rewritten
     data.build_synthetic(tmp_path / "syn", "imagenet", n=32, n_captions=8)
     assert len(data.ShardDataset(root)) == 32  # another size is rebuilt
+    # with features (the alignment bench): DINOv2-B's 16x16 x 768 per view, through the same loader
+    data.build_synthetic(tmp_path / "syn", "imagenet", n=16, n_captions=8, features=True)
+    loader = data.Loader(data.ShardDataset(root, verify="full"), 4, seed=0, features=True)
+    assert next(loader)[4].shape == (4, 256, 768)
+    loader.close()
 
 
 def test_train_bench_times_the_step_and_writes_no_checkpoint(tmp_path):
