@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker and per program it starts, so that
+    os.environ["OMP_NUM_THREADS"] = "1"  # N workers keep N cores busy without spinning threads on each other
 sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
@@ -42,12 +44,17 @@ def run_cli(*args, timeout=300, cwd=REPO):
                           timeout=timeout, env=env)
 
 
+def run_ok(*args, timeout=300):
+    """run_cli that fails the test, with the end of stderr, unless the program exits 0."""
+    result = run_cli(*args, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def train(data_dir, out, seed=0, *extra):
     """A 20-step CPU run of the tiny preset; fails the test if the run fails."""
-    result = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", data_dir, "--out", out,
-                     "--max-steps", TRAIN_STEPS, "--log-every", 10, "--batch-size", TRAIN_BATCH,
-                     "--seed", seed, *extra)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ok("train_dit.py", "--config", "shapes-cpu", "--data", data_dir, "--out", out, "--max-steps", TRAIN_STEPS,
+           "--log-every", 10, "--batch-size", TRAIN_BATCH, "--seed", seed, *extra)
     return Path(out)
 
 
@@ -137,8 +144,7 @@ def prep_args(rehearsal, out, *extra):
 def rehearsal(tmp_path_factory):
     """rehearsal.json of a tiny rehearsal, with its folder ("root") and what the command printed. Read-only."""
     out = tmp_path_factory.mktemp("rehearsal") / "r"
-    result = run_cli("data.py", "rehearsal", "--out", out, "--tiny")
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok("data.py", "rehearsal", "--out", out, "--tiny")
     info = json.loads((out / "rehearsal.json").read_text())
     info["root"], info["stdout"] = out, result.stdout
     return info
@@ -148,8 +154,7 @@ def rehearsal(tmp_path_factory):
 def rehearsal_shards(rehearsal, tmp_path_factory):
     """The rehearsal tree prepped by its printed command. Read-only."""
     out = tmp_path_factory.mktemp("rehearsal_shards") / "shards"
-    result = run_cli(*prep_args(rehearsal, out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ok(*prep_args(rehearsal, out))
     return out
 
 
@@ -157,8 +162,7 @@ def rehearsal_shards(rehearsal, tmp_path_factory):
 def rehearsal_run(rehearsal_shards, tmp_path_factory):
     """Two steps of the shrunk `imagenet` config on the rehearsal shards, a checkpoint after each. Read-only."""
     out = tmp_path_factory.mktemp("rehearsal_runs") / "imagenet"
-    result = run_cli(*train_cli(rehearsal_shards, out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ok(*train_cli(rehearsal_shards, out))
     return out
 
 
@@ -171,6 +175,5 @@ def rehearsal_scored_run(rehearsal, rehearsal_run, tmp_path_factory):
     prompts = root / "prompts.jsonl"
     data.write_metadata(prompts, [p for p in data.read_metadata(rehearsal["root"] / "evaluation_metadata.jsonl")
                                   if p["tag"] in REHEARSAL_TAGS])
-    result = run_cli(*curve_cli(run, rehearsal, prompts), timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ok(*curve_cli(run, rehearsal, prompts), timeout=900)
     return run
