@@ -50,6 +50,10 @@ METRIC_NAMES = {"shapes": "GenEval-Shapes", "imagenet": "GenEval (geneval-m2f)"}
 RUN_KEYS = ("seed", "out", "resume", "wandb")  # hyperparameters that may differ between the runs of one recipe
 SAMPLER_KEYS = ("nfe", "sampler", "cfg_scale", "cfg_interval", "time_shift", "weights", "seed", "images_per_prompt")
 MIN_RUNS, MAX_P = 5, 0.01
+GENEVAL_IMAGES_PER_PROMPT = 4
+# The ImageNet evaluation set, GenEval's official 553 prompts (data.GENEVAL_PROMPTS_SHA256), as prompt_list_sha256
+# of data.read_metadata of that file
+GENEVAL_PROMPT_LIST_SHA256 = "010f2e9a62a68a9069150764f9736bb5063b869f799ba1a6239e35e561f75aa0"
 MAX_RECORD_BYTES = 5 * 2 ** 20  # the repository holds every record, so each stays small: no images
 GRID_IMAGES, GRID_PIXELS = 8, 64  # per run: the first image of 8 prompts spread over the list, at most 64 px wide
 CODE_SECTIONS = ("train_dit.py", "model.py", "data.py", "sample.py")
@@ -150,10 +154,14 @@ def record_statistics(curves, target, track):
     return stats
 
 
-def shapes_eval_set_problem(prompts, seed):
+def shapes_eval_set_problem(prompts, images_per_prompt, log):
     """Why `prompts` are not a fair Shapes evaluation set (None when they are): every tag, each with its
-    first m prompts of the evaluation list of the dataset's seed, m the same for all tags. A subset that
-    drops a hard tag, or picks its prompts, would raise the overall score."""
+    first m prompts of the evaluation list of the dataset's seed, m the same for all tags, 4 images each. A
+    subset that drops a hard tag, or picks its prompts, would raise the overall score."""
+    seeds = set(re.findall(r"\(dataset seed (\d+)\)", log))
+    if len(seeds) != 1:
+        return f"the log gives dataset seeds {sorted(seeds)}, not one"
+    seed = int(seeds.pop())
     counts = {tag: sum(p["tag"] == tag for p in prompts) for tag in data.TAGS}
     if 0 in counts.values() or len(set(counts.values())) > 1 or len(prompts) != sum(counts.values()):
         return f"prompts per tag {counts}: a record scores the same number of prompts of every tag"
@@ -161,7 +169,28 @@ def shapes_eval_set_problem(prompts, seed):
     if json.loads(json.dumps(prompts)) != json.loads(json.dumps(official)):
         return (f"the prompts are not the first {counts[data.TAGS[0]]} of each tag of the evaluation list "
                 f"(dataset seed {seed})")
+    if images_per_prompt != GENEVAL_IMAGES_PER_PROMPT:
+        return f"{images_per_prompt} images per prompt, not GenEval's {GENEVAL_IMAGES_PER_PROMPT}"
     return None
+
+
+def prompt_list_sha256(prompts):
+    """sha256 of a prompt list's canonical JSON (keys sorted, no spaces): the list, its order and every field."""
+    return hashlib.sha256(json.dumps(prompts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def imagenet_eval_set_problem(prompts, images_per_prompt, log):
+    """Why `prompts` are not GenEval's evaluation set (None when they are): all 553 prompts of the official
+    evaluation_metadata.jsonl (data.GENEVAL_PROMPTS_URL) in their order, 4 images each. The list is checked by
+    its hash, so that check needs no download."""
+    if prompt_list_sha256(prompts) != GENEVAL_PROMPT_LIST_SHA256 or images_per_prompt != GENEVAL_IMAGES_PER_PROMPT:
+        return (f"scored on {len(prompts)} prompts x {images_per_prompt} images, not GenEval's 553 official prompts "
+                f"x {GENEVAL_IMAGES_PER_PROMPT} (evaluation_metadata.jsonl, all of it, in its order)")
+    return None
+
+
+EVAL_SET_PROBLEMS = {"shapes": shapes_eval_set_problem, "imagenet": imagenet_eval_set_problem}  # per track
+EVAL_SET_PROBLEMS.update({track + EXTERNAL: rule for track, rule in list(EVAL_SET_PROBLEMS.items())})
 
 
 # -----------------------------------------------------------------------------
@@ -581,12 +610,9 @@ def sample_problems(folder, runs, record, k, samples, options=None):
                 problems.append(f"{packed}: the rules on its detections give {task} {score:.4f}, curve.json says "
                                 f"{run['curve'][k].get(task)}")
         eval_sets.add(json.dumps(header["prompts"]))
-        if record["track"] == "shapes":
-            seeds = set(re.findall(r"\(dataset seed (\d+)\)", run["log"]))
-            problem = shapes_eval_set_problem(header["prompts"], int(next(iter(seeds)))) if len(seeds) == 1 else (
-                f"the log gives dataset seeds {sorted(seeds)}, not one")
-            if problem:
-                problems.append(f"{packed}: {problem}")
+        problem = EVAL_SET_PROBLEMS[record["track"]](header["prompts"], images_per_prompt, run["log"])
+        if problem:
+            problems.append(f"{packed}: {problem}")
         hashes.append({r["sha256"] for r in rows})
         if samples is not None:
             source = next((p for p in (Path(samples) / run["name"], Path(samples) / run["name"] / "samples.npz")

@@ -23,6 +23,10 @@ sys.path.insert(0, str(REPO))
 
 import data  # noqa: E402
 
+SHARED = REPO.parent / "shared" / "geneval"  # the official GenEval files, for tests only (never committed)
+needs_shared = pytest.mark.skipif(not (SHARED / "evaluation_metadata.jsonl").exists(),
+                                  reason="../shared/geneval/ (official GenEval files) is absent")
+
 # A tiny open_clip text tower (random init): 64-wide tokens, 32-wide pooled embedding.
 TINY_TEXT = dict(text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
                  vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=16), embed_dim=32)

@@ -17,12 +17,8 @@ from PIL import Image
 
 import data
 import evaluate
-from conftest import REPO, assert_one_line_error
+from conftest import REPO, SHARED, assert_one_line_error, needs_shared
 from evaluate import Detection, Options, Thresholds, judge, keep_detections
-
-SHARED = REPO.parent / "shared" / "geneval"  # the official files, for tests only (never committed)
-needs_shared = pytest.mark.skipif(not (SHARED / "evaluation_metadata.jsonl").exists(),
-                                  reason="../shared/geneval/ (official GenEval files) is absent")
 
 # Same classes as the real models, a few layers wide.
 TINY_M2F = dict(backbone_config=dict(model_type="swin", embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
