@@ -803,18 +803,30 @@ def geneval_prompt_problem(metadata, where):
 
 def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=None):
     """Score every image; write results.jsonl (one row per image) and scores.json into `out` (default: the
-    folder); return the scores."""
+    folder); return the scores. Under torchrun every rank calls it: the ranks share the images, rank 0 writes
+    and returns the scores, the others return None."""
+    rank, world_size = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                        if torch.distributed.is_initialized() else (0, 1))
     if backend == "official":  # runs whole folders in its own environment, so it is no image detector
-        rows = official_rows(folder, options or Options())
+        rows = official_rows(folder, options or Options()) if rank == 0 else None
     else:
         entries = [(metadata, path) for _, metadata, paths in read_sample_folder(folder) for path in paths]
         for metadata, path in entries:
             geneval_prompt_problem(metadata, path.parent.parent / "metadata.jsonl")
         size = expected_image_size(folder, backend)
+        # Under torchrun each rank scores every world_size-th image (every image is judged alone) and rank 0
+        # gathers the rows back into the folder's order.
+        mine = entries[rank::world_size]
         images = ((metadata, str(path), read_image(path, size))
-                  for metadata, path in tqdm(entries, desc=f"scoring {Path(folder).name}", unit="img", leave=False,
-                                             disable=not sys.stderr.isatty()))
+                  for metadata, path in tqdm(mine, desc=f"scoring {Path(folder).name}", unit="img", leave=False,
+                                             disable=rank != 0 or not sys.stderr.isatty()))
         rows = score_images(images, backend, th, options)
+        if world_size > 1:
+            parts = [None] * world_size if rank == 0 else None
+            torch.distributed.gather_object(rows, parts)
+            rows = [parts[i % world_size][i // world_size] for i in range(len(entries))] if rank == 0 else None
+    if rank != 0:
+        return None
     out = Path(out or folder)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.jsonl", "w") as f:
@@ -822,7 +834,8 @@ def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=No
             f.write(json.dumps(row) + "\n")
     scores = summarize(rows)
     with open(out / "scores.json", "w") as f:
-        json.dump({"backend": backend, "metric": GENEVAL_METRICS[backend], "images": len(rows), **scores}, f, indent=1)
+        json.dump({"backend": backend, "metric": GENEVAL_METRICS[backend], "images": len(rows), "ranks": world_size,
+                   **scores}, f, indent=1)
     return scores
 
 
@@ -1150,17 +1163,21 @@ def score_scalar_metric(folder, metric, options=None, out=None):
 
 def score_metrics(folder, metrics, backend="shapes", options=None, out=None):
     """The curve columns of one sample folder: GenEval's task scores (with the metric's name), the scalar
-    metrics' means and GenEval 2's Soft-TIFA."""
+    metrics' means and GenEval 2's Soft-TIFA. Under torchrun every rank calls it and takes a share of GenEval's
+    detector; rank 0 scores the other metrics and returns the columns, the other ranks None."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     columns = {}
-    for metric in metrics:
+    for metric in sorted(metrics, key=lambda m: m != "geneval"):  # first: the other ranks need only this one
         if metric == "geneval":
-            columns.update(geneval_metric=GENEVAL_METRICS[backend],
-                           **score_folder(folder, backend, options=options, out=out))
+            scores = score_folder(folder, backend, options=options, out=out)
+            columns.update(geneval_metric=GENEVAL_METRICS[backend], **(scores or {}))
+        elif rank != 0:
+            break
         elif metric == "geneval2":
             columns.update(score_geneval2(folder, options, out))
         else:
             columns.update(score_scalar_metric(folder, metric, options, out))
-    return columns
+    return columns if rank == 0 else None
 
 
 def read_prompt_file(path):
@@ -1514,7 +1531,7 @@ def curve(args):
         passes.append((f"{args.samples}-geneval2" if others else args.samples, ["geneval2"], prompts))
     samplers = [None if args.from_samples else sample.sampler_from_args(argparse.Namespace(**{**vars(args),
                 "prompts": prompts}), ckpts[0]) for _, _, prompts in passes]
-    rank = sample.distributed()[0]
+    rank, world_size = sample.distributed()
     title = run_title(args.run)
     points = []
     for ckpt_path in ckpts:
@@ -1527,10 +1544,12 @@ def curve(args):
                 info = json.loads((out / "sampling.json").read_text())
             else:
                 raise UserError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
-            if rank != 0:  # under torchrun, rank 0 scores what the ranks sampled
-                continue
-            point = {**info, **point, **score_metrics(out, metrics, args.backend, options),
-                     "samples" if samples == args.samples else "samples_geneval2": str(out)}
+            if world_size > 1:
+                torch.distributed.barrier()  # rank 0 has written the samples that every rank scores a share of
+            columns = score_metrics(out, metrics, args.backend, options)
+            if rank == 0:
+                point = {**info, **point, **columns,
+                         "samples" if samples == args.samples else "samples_geneval2": str(out)}
         if rank != 0:
             continue
         points.append(point)
@@ -1806,8 +1825,10 @@ def main(argv=None):
     t.add_argument("--per-tag", type=int, default=None)
     args = p.parse_args(argv)
     if args.command == "score":
+        sample.distributed()  # under torchrun the ranks share GenEval's detector
         scores = score_metrics(args.folder, args.metrics, args.backend, options_from_args(args), args.out)
-        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+        if scores is not None:
+            print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
     elif args.command == "curve":
         curve(args)
     elif args.command == "plot":

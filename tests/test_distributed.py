@@ -1,5 +1,7 @@
 """torchrun on the CPU (gloo): two processes train and sample the same experiment as one."""
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -80,3 +82,37 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, shapes
     assert sorted(resumed) == list(range(6, STEPS + 1))
     for s in resumed:
         assert float(resumed[s]) == pytest.approx(float(one[s]), rel=1e-4, abs=1e-6), s
+
+
+def test_a_two_process_curve_shares_the_scoring_and_equals_the_one_process_curve(trained_run, tmp_path):
+    """The whole curve under torchrun: sampling, the barrier, the shared detector, rank 0's curve."""
+    run = tmp_path / "run"  # the trained run with its last checkpoint only
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained_run / "log.txt", run)
+    shutil.copy(trained_run / "checkpoints" / "ckpt_0000020.pt", run / "checkpoints")
+    common = ("evaluate.py", "curve", run, "--per-tag", 1, "--images-per-prompt", 2, "--batch-size", 4)
+    launch(*common, "--samples", "one", "--curve", "one")
+    launch(*common, "--samples", "two", "--curve", "two", nproc=2)
+    one, two = run / "one" / "ckpt_0000020", run / "two" / "ckpt_0000020"
+    assert (one / "results.jsonl").read_text() == (two / "results.jsonl").read_text().replace("/two/", "/one/")
+    assert len((one / "results.jsonl").read_text().splitlines()) == 6 * 2  # one prompt of each tag, two images
+    scores_one, scores_two = (json.loads((f / "scores.json").read_text()) for f in (one, two))
+    assert (scores_one.pop("ranks"), scores_two.pop("ranks")) == (1, 2)  # the two ranks shared the detector
+    assert scores_one == scores_two
+    points_one, points_two = (json.loads((run / f"{c}.json").read_text()) for c in ("one", "two"))
+    assert [{k: v for k, v in p.items() if k != "samples"} for p in points_one] == \
+           [{k: v for k, v in p.items() if k != "samples"} for p in points_two]
+
+
+def test_two_processes_score_a_folder_as_one_each_taking_every_other_image(truth_renders, tmp_path):
+    """Exact renders, which the detector finds objects in (the tiny model's samples hold none)."""
+    for name, nproc in (("one", 1), ("two", 2)):
+        shutil.copytree(truth_renders, tmp_path / name, ignore=shutil.ignore_patterns("results.jsonl", "scores.json"))
+        launch("evaluate.py", "score", tmp_path / name, nproc=nproc)
+    rows_one, rows_two = ([json.loads(line) for line in (tmp_path / n / "results.jsonl").read_text().splitlines()]
+                          for n in ("one", "two"))
+    assert len(rows_one) == 6 * 20 * 4 and sum(r["correct"] for r in rows_one) > 0.9 * len(rows_one)
+    assert [{**r, "filename": r["filename"].replace("/two/", "/one/")} for r in rows_two] == rows_one
+    scores_one, scores_two = (json.loads((tmp_path / n / "scores.json").read_text()) for n in ("one", "two"))
+    assert (scores_one.pop("ranks"), scores_two.pop("ranks")) == (1, 2)
+    assert scores_one == scores_two
