@@ -1829,8 +1829,10 @@ def main(argv=None):
         scores = score_metrics(args.folder, args.metrics, args.backend, options_from_args(args), args.out)
         if scores is not None:
             print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
+        sample.leave_process_group()
     elif args.command == "curve":
         curve(args)
+        sample.leave_process_group()
     elif args.command == "plot":
         missing = [run for run in args.runs if not (Path(run) / f"{args.curve}.json").exists()]
         if missing:

@@ -203,6 +203,14 @@ def distributed():
     return int(os.environ.get("RANK", 0)), world_size
 
 
+def leave_process_group():
+    """Under torchrun, the last step of a program: wait for every rank, then close the group (a rank that exits
+    with it open can abort while another still receives)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def checkpoints_of(run):
     """A checkpoint file, or every checkpoint of a run directory in training order."""
     run = Path(run)
@@ -317,6 +325,7 @@ def main(argv=None):
         sampler.run(ckpt, out)
         if distributed()[0] == 0:
             print(f"{ckpt} -> {out}")
+    leave_process_group()
 
 
 if __name__ == "__main__":
