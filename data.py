@@ -48,6 +48,32 @@ class UserError(Exception):
     print it as one line, `error: <file>[:line]: <what is wrong>`, and exit non-zero."""
 
 
+def content_hash(obj):
+    """sha256 over nested tensors and plain values (a checkpoint, a state dict): tensors by dtype, shape and bytes,
+    plain values by repr, in a fixed order: a flipped byte anywhere in a weight changes it."""
+    h = hashlib.sha256()
+
+    def visit(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            h.update(f"tensor {x.dtype} {tuple(x.shape)};".encode())
+            h.update(x.view(-1).view(torch.uint8).numpy() if x.numel() else b"")  # hashed in place, no copy
+        elif isinstance(x, dict):
+            h.update(f"dict {len(x)};".encode())
+            for key in sorted(x, key=repr):
+                h.update(f"{key!r}:".encode())
+                visit(x[key])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"{type(x).__name__} {len(x)};".encode())
+            for item in x:
+                visit(item)
+        else:
+            h.update(f"{x!r};".encode())
+
+    visit(obj)
+    return h.hexdigest()
+
+
 def atomic_write(path, write):
     """Write `path` through `write(binary file)` into a temporary file beside it, fsync, then rename: a kill
     leaves the previous file intact. Any failure of the writer (a full disk raises OSError from open() or
@@ -511,14 +537,8 @@ class FeatureEncoder:
 
 
 def weights_sha256(module):
-    """sha256 of a model's weights as loaded: every tensor's name, dtype, shape and bytes, in name order (the same
-    for a .safetensors or a .bin file of the same tensors)."""
-    h = hashlib.sha256()
-    for name, x in sorted(module.state_dict().items()):
-        x = x.detach().cpu().contiguous()
-        h.update(f"{name} {x.dtype} {tuple(x.shape)};".encode())
-        h.update(x.view(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-    return h.hexdigest()
+    """content_hash of a model's weights as loaded (the same for a .safetensors or a .bin file of the same tensors)."""
+    return content_hash(module.state_dict())
 
 
 def save_random_encoder(folder, name=DEFAULT_ENCODER, overrides=None, seed=0):

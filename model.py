@@ -11,7 +11,6 @@ joint blocks to the width of a frozen encoder's patch features, for REPA's align
 forward pass computes it only when asked (`align=True`, in training), so sampling never pays for it.
 """
 import dataclasses
-import hashlib
 import math
 import pickle
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, atomic_write
+from data import UserError, atomic_write, content_hash
 
 
 @dataclass
@@ -278,32 +277,6 @@ def flops_per_image(cfg: DiTConfig, training=True):
 
 # -----------------------------------------------------------------------------
 # Checkpoints: tensors and plain types only, with a hash of their content
-
-
-def content_hash(obj):
-    """sha256 over a checkpoint's contents (tensors by dtype, shape and bytes; plain values by repr), in a fixed
-    order: a flipped byte anywhere in a weight changes it."""
-    h = hashlib.sha256()
-
-    def visit(x):
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().contiguous()
-            h.update(f"tensor {x.dtype} {tuple(x.shape)};".encode())
-            h.update(x.view(-1).view(torch.uint8).numpy() if x.numel() else b"")  # hashed in place, no copy
-        elif isinstance(x, dict):
-            h.update(f"dict {len(x)};".encode())
-            for key in sorted(x, key=repr):
-                h.update(f"{key!r}:".encode())
-                visit(x[key])
-        elif isinstance(x, (list, tuple)):
-            h.update(f"{type(x).__name__} {len(x)};".encode())
-            for item in x:
-                visit(item)
-        else:
-            h.update(f"{x!r};".encode())
-
-    visit(obj)
-    return h.hexdigest()
 
 
 def save_checkpoint(state, path):
