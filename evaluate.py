@@ -1734,15 +1734,20 @@ def bench_vlm(args):
 # Command line
 
 
-def add_scoring_args(p, batch_flag="--batch-size", backends=(*BACKENDS, "official")):
-    p.add_argument("--backend", choices=sorted(backends), default="shapes",
-                   help="GenEval's detector: shapes (exact, Shapes track), mask2former (geneval-m2f), official (geneval)")
+def add_detector_args(p, batch_flag="--batch-size"):
+    """The device, batch and weights of GenEval's detectors (record.py takes these too)."""
     p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument(batch_flag, dest="score_batch_size", type=int, default=Options.batch_size,
+    p.add_argument(batch_flag, dest="score_batch_size", type=int, default=Options.batch_size, metavar="N",
                    help="images per detector / CLIP / HPSv3 batch")
     p.add_argument("--detector", default=Options.detector, help="Mask2Former hub id or local folder")
     p.add_argument("--clip-model", default=Options.clip_model)
     p.add_argument("--clip-pretrained", default=Options.clip_pretrained, help="open_clip tag or local checkpoint")
+
+
+def add_scoring_args(p, batch_flag="--batch-size", backends=(*BACKENDS, "official")):
+    p.add_argument("--backend", choices=sorted(backends), default="shapes",
+                   help="GenEval's detector: shapes (exact, Shapes track), mask2former (geneval-m2f), official (geneval)")
+    add_detector_args(p, batch_flag)
     p.add_argument("--geneval-dir", default=None, help="official backend: a djghosh13/geneval checkout")
     p.add_argument("--geneval-python", default=Options.geneval_python, help="official backend: its environment's python")
     p.add_argument("--geneval-model-path", default=None, help="official backend: folder of its detector checkpoint")

@@ -632,17 +632,6 @@ def sample_problems(folder, runs, record, k, samples, options=None):
 # Command line
 
 
-def add_detector_args(p):
-    """The weights of the track's detector, as evaluate.py's flags name them (the Shapes detector needs none)."""
-    p.add_argument("--detector", default=evaluate.Options.detector, help="Mask2Former hub id or local folder")
-    p.add_argument("--clip-model", default=evaluate.Options.clip_model, help="the colour classifier's open_clip model")
-    p.add_argument("--clip-pretrained", default=evaluate.Options.clip_pretrained,
-                   help="open_clip tag or local checkpoint")
-    p.add_argument("--device", default=None, help="the detector's device (default: cuda when available)")
-    p.add_argument("--batch-size", dest="score_batch_size", type=int, default=evaluate.Options.batch_size, metavar="N",
-                   help="images per detector batch")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -653,12 +642,12 @@ def main(argv=None):
     b.add_argument("--out", default=None, help="default: records/<track>/<date>_<name>")
     b.add_argument("--target", type=float, default=None, help="the overall score to reach: the track's (record.py "
                    "TARGETS); a track without one yet takes it from its first record, which must give it")
-    add_detector_args(b)
+    evaluate.add_detector_args(b)
     c = sub.add_parser("check", help="validate a record folder")
     c.add_argument("folder")
     c.add_argument("--samples", default=None, help="a folder of the runs' exact claimed images: runK/ in GenEval's "
                    "layout (or runK/samples.npz); their hashes and detections are checked too")
-    add_detector_args(c)
+    evaluate.add_detector_args(c)
     args = p.parse_args(argv)
     if args.command == "build":
         out = args.out or f"records/{args.track}/{datetime.date.today():%Y-%m-%d}_{args.name}"
