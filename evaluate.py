@@ -818,7 +818,9 @@ def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=No
         # gathers the rows back into the folder's order.
         mine = entries[rank::world_size]
         images = ((metadata, str(path), read_image(path, size))
-                  for metadata, path in tqdm(mine, desc=f"scoring {Path(folder).name}", unit="img", leave=False,
+                  for metadata, path in tqdm(mine, desc=f"scoring {Path(folder).name}" + (
+                                                 f" (rank 0's share of {world_size})" if world_size > 1 else ""),
+                                             unit="img", leave=False,
                                              disable=rank != 0 or not sys.stderr.isatty()))
         rows = score_images(images, backend, th, options)
         if world_size > 1:
