@@ -71,7 +71,8 @@ class Hyperparameters:
     prediction: str = "image"  # network output: image (x-prediction, turned into velocity) or velocity (section 1)
     # optimisation
     batch_size: int = 512  # global batch, split evenly over ranks
-    micro_batch_size: int = 0  # per-rank chunk whose gradients accumulate (0: the whole rank batch)
+    micro_batch_size: int = 0  # the largest per-rank chunk; a larger rank batch accumulates its chunks' gradients
+    # (0, or a rank batch no larger: the whole rank batch at once). Memory only: the chunks give the same gradient.
     optimizer: str = "muon"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest (section 5)
     lr: float = 5e-4  # AdamW learning rate (Shapes: six blocks want half of twelve's rates, section 12)
     muon_lr: float = 0.01  # Muon learning rate
@@ -162,12 +163,14 @@ CONFIGS = {
 
 # The external-module track (README, "Tracks"): `imagenet` plus REPA's alignment (Yu et al. 2024) to the patch features
 # of DINOv2 ViT-B/14 (REPA's encoder) that `data.py imagenet --encoder vit_base_patch14_dinov2.lvd142m` stores in the
-# shards (docs/imagenet.md, "The external-module track"). NOT measured on ImageNet here.
+# shards (docs/imagenet.md, "The external-module track": its step measured, its quality not).
 CONFIGS["imagenet-external"] = dataclasses.replace(
     CONFIGS["imagenet"], out="runs/imagenet-external",
     align_weight=0.5,  # REPA's lambda for every model size
     align_depth=4,  # REPA aligns SiT-B's 4th of 12 blocks (SiT-L's and XL's 8th): this is B/2 with 12 joint blocks
-    projector_width=2048)  # REPA's projector: Linear-SiLU-Linear-SiLU-Linear, hidden width 2048
+    projector_width=2048,  # REPA's projector: Linear-SiLU-Linear-SiLU-Linear, hidden width 2048
+    micro_batch_size=512)  # one H200 holds 1,024 of B/2 without alignment (127 GiB) but not with it (out of memory
+# while compiling): 512 at a time takes 72.8 GiB; on 8 GPUs the rank batch (128) runs whole
 
 # Allowed values, checked when the flags are read: a bad value fails at once, naming its flag.
 CHOICES = {"track": sorted(data.TRACK_SHAPES), "prediction": ["image", "velocity"], "optimizer": ["adamw", "muon"],
@@ -248,6 +251,14 @@ def parse_args(argv=None):
                                   bench_profile=args.bench_profile)
 
 
+def next_clock_read(step, log_every, seconds_left, seconds_per_step):
+    """The step after which the loop next reads the clock (a host sync): the next multiple of log_every, or sooner
+    when the budget runs out before then at the last interval's pace, so that a run stops within about a step of
+    its budget (50 of B/2's steps are 27 s, which a 60 s run overshot by 22 s)."""
+    return min((step // log_every + 1) * log_every,
+               step + max(1, math.ceil(min(seconds_left / seconds_per_step, log_every))))
+
+
 def lr_scale(hp, step, seconds):
     """Learning-rate multiplier: linear warm-up over steps; with lr_cooldown, a linear fall to 0 at the end
     of the budget, on the training clock (read once per log interval: the lr moves every log_every steps)."""
@@ -273,7 +284,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     if hp.batch_size % world_size:
         raise UserError(f"--batch-size {hp.batch_size} does not split evenly over {world_size} ranks")
     per_rank = hp.batch_size // world_size
-    if hp.micro_batch_size and per_rank % hp.micro_batch_size:
+    if 0 < hp.micro_batch_size < per_rank and per_rank % hp.micro_batch_size:
         raise UserError(f"--micro-batch-size {hp.micro_batch_size} does not divide the per-rank batch {per_rank}")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -391,7 +402,8 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         return
 
     # =========================================================================
-    # Training loop: read the losses and the clock every log_every steps; checkpoint on marks of the clock
+    # Training loop: read the losses and the clock every log_every steps (sooner near the end of the budget);
+    # checkpoint on marks of the clock
 
     loader = data.Loader(dataset, hp.batch_size, order_seed, position, rank, world_size, device, features=aligning)
     last_checkpoint = hp.resume or None
@@ -406,6 +418,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     # The bar shows only on a terminal; clamped to the budget, since the last interval ends past it.
     bar = tqdm(total=hp.budget_seconds, initial=min(train_seconds, hp.budget_seconds), unit="s", desc="training clock",
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}", disable=not (master and sys.stderr.isatty()))
+    next_read = next_clock_read(step, hp.log_every, math.inf, 1.0)  # no pace yet: log_every steps
     sync(device)
     segment_start = time.perf_counter()
     while train_seconds < hp.budget_seconds and not (hp.max_steps and step >= hp.max_steps):
@@ -415,7 +428,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         align_losses.append(align_loss)
         step += 1
         at_max_steps = hp.max_steps and step >= hp.max_steps
-        if step % hp.log_every and not at_max_steps and not (stop_signals and world_size == 1):
+        if step < next_read and not at_max_steps and not (stop_signals and world_size == 1):
             continue
         # One host sync per log interval: the losses and gradient norms, then the clock and any stop request
         # (the same on every rank).
@@ -434,7 +447,8 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         for i, value in enumerate(loss_values):
             log(f"step {first + i} loss {value:.5f}", echo=False)
         check_finite(hp, first, loss_values, norm_values, last_checkpoint, log)
-        rate = hp.batch_size * len(loss_values) / max(clock - train_seconds, 1e-9)
+        seconds_per_step = max(clock - train_seconds, 1e-9) / len(loss_values)
+        rate = hp.batch_size / seconds_per_step
         align_mean = sum(align_values) / len(align_values)
         log(f"step {step} | train {clock:.3f} s | loss {sum(loss_values) / len(loss_values):.4f} | "
             f"{rate:.0f} img/s | images {step * hp.batch_size}" + (f" | align {align_mean:.4f}" if aligning else ""),
@@ -465,6 +479,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
             next_ckpt = (train_seconds // hp.ckpt_every_seconds + 1) * hp.ckpt_every_seconds
         if done:
             break
+        next_read = next_clock_read(step, hp.log_every, hp.budget_seconds - train_seconds, seconds_per_step)
         sync(device)
         segment_start = time.perf_counter()
 
@@ -644,7 +659,7 @@ def train_step(step, batch, seconds, *, hp, model, optimizers, ema_params, model
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["lr"] = group["peak_lr"] * scale
     per_rank = len(latents)
-    micro = hp.micro_batch_size or per_rank
+    micro = min(hp.micro_batch_size or per_rank, per_rank)
     loss, align = 0.0, torch.zeros((), device=latents.device)
     for start in range(0, per_rank, micro):
         part = slice(start, start + micro)

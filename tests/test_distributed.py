@@ -28,7 +28,8 @@ def launch(*args, nproc=1):
 def two_process_run(shapes_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "run"
     launch("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", out, "--max-steps", STEPS,
-           "--log-every", 5, "--batch-size", TRAIN_BATCH, "--ckpt-every-seconds", 0.0001, nproc=2)
+           "--log-every", 5, "--batch-size", TRAIN_BATCH, "--ckpt-every-seconds", 0.0001,
+           "--micro-batch-size", TRAIN_BATCH, nproc=2)  # a bound above the rank batch (TRAIN_BATCH / 2): no chunks
     return out
 
 

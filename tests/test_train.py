@@ -1,6 +1,7 @@
 """train_dit.py: determinism, resume, and what the run's log records."""
 import dataclasses
 import platform
+import math
 import re
 
 import pytest
@@ -88,6 +89,33 @@ def test_cooldown_run_sets_each_steps_lr_from_the_clock_read_before_it(shapes_da
     assert fastest < 1  # in the cooldown
     for group in (g for opt in ckpt["optimizer"] for g in opt["param_groups"]):
         assert slowest - 1e-9 <= group["lr"] / group["peak_lr"] <= fastest + 1e-9
+
+
+def test_the_clock_is_read_every_log_every_steps_or_at_the_step_the_pace_says_the_budget_runs_out():
+    from train_dit import next_clock_read
+    assert next_clock_read(0, 50, math.inf, 1.0) == 50  # the first interval: no pace yet
+    assert next_clock_read(100, 50, 500.0, 0.53) == 150  # far from the end: the next multiple
+    assert next_clock_read(120, 50, 500.0, 0.53) == 150  # after an early read (a stop signal), multiples again
+    # 60 s of B/2 at 0.53 s a step: at step 100 (55.6 s) 4.4 s are left, 9 steps (not 50, which took it to 82 s)
+    assert next_clock_read(100, 50, 60.0 - 55.6, 0.53) == 109
+    assert next_clock_read(109, 50, 60.0 - 59.9, 0.53) == 110  # at least one step
+    assert next_clock_read(109, 50, -1.0, 0.53) == 110
+
+
+def test_a_run_reads_the_clock_on_that_rule_and_stops_at_its_budget(shapes_data, tmp_path):
+    from train_dit import next_clock_read
+    budget, every = 3.0, 5
+    run = train(shapes_data, tmp_path / "budget", 0, "--budget-seconds", budget, "--max-steps", 0,
+                "--log-every", every, "--ckpt-every-seconds", 1000)
+    reads = [(0, 0.0)] + [(int(n), float(t)) for n, t in
+                          re.findall(r"^step (\d+) \| train (\S+) s", (run / "log.txt").read_text(), re.M)]
+    if len(reads) < 3:
+        pytest.skip(f"the first {every} steps took {reads[-1][1]} s, past the {budget} s budget: no pace to judge")
+    assert reads[1][0] == every and reads[-2][1] < budget <= reads[-1][1], reads
+    for (n_q, t_q), (n_p, t_p), (n, _) in zip(reads, reads[1:], reads[2:]):
+        due = next_clock_read(n_p, every, budget - t_p, (t_p - t_q) / (n_p - n_q))
+        assert abs(n - due) <= 1, (reads, n_p, due)  # the log's clock has 1 ms steps: ceil may move by one
+        assert n == due or due % every, (reads, n_p, due)  # multiples exactly
 
 
 def test_vanilla_preset_trains_with_plain_ema(shapes_data, tmp_path):

@@ -218,7 +218,7 @@ def tiny_hpsv3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hpsv3") / "tiny"
     with contextlib.redirect_stdout(io.StringIO()) as out:
         evaluate.main(["bench-vlm", "--metric", "hpsv3", "--random-init", "--size", "tiny", "--random-init-dir",
-                       str(folder), "--device", "cpu", "--images", "2", "--batch-size", "1", "--image-size", "64",
+                       str(folder), "--device", "cpu", "--images", "2", "--hpsv3-batch-size", "1", "--image-size", "64",
                        "--hpsv3-precision", "fp32"])
     return str(folder), str(folder / "model.safetensors"), out.getvalue()
 
@@ -242,7 +242,8 @@ def test_hpsv3_scores_through_the_package_with_a_random_init_qwen2vl(tmp_path, t
                (("Animals", "a cat"), ("Animals", "a cat"), ("Animals", "a dog"), ("Food", "a cat"))]
     from test_benchmarks import write_folder
     folder = write_folder(tmp_path / "s", prompts, [[a], [b], [a], [a]])
-    options = Options(device="cpu", batch_size=3, hpsv3_base=base, hpsv3_checkpoint=checkpoint, hpsv3_precision="fp32")
+    options = Options(device="cpu", hpsv3_batch_size=3, hpsv3_base=base, hpsv3_checkpoint=checkpoint,
+                      hpsv3_precision="fp32")
     scores = evaluate.score_scalar_metric(folder, "hpsv3", options)
     mu = [json.loads(line)["hpsv3"] for line in (folder / "hpsv3.jsonl").read_text().splitlines()]
     assert len(mu) == 4 and all(math.isfinite(m) for m in mu)
