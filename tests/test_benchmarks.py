@@ -363,7 +363,8 @@ def test_plumbing_hpsv3_fake(tmp_path, fake_hpsv3):
     prompts = [{"tag": "Animals", "include": [], "prompt": "a cat"}, {"tag": "Animals", "include": [], "prompt": "a horse"},
                {"tag": "Food", "include": [], "prompt": "a pizza on a table"}]
     folder = write_folder(tmp_path / "s", prompts, [[np.zeros((8, 8, 3), np.uint8)] * 2 for _ in prompts])
-    options = Options(hpsv3_python=sys.executable, batch_size=4, device="cpu", hpsv3_checkpoint="/w/HPSv3.safetensors")
+    options = Options(hpsv3_python=sys.executable, hpsv3_batch_size=4, device="cpu",
+                      hpsv3_checkpoint="/w/HPSv3.safetensors")
     scores = evaluate.score_scalar_metric(folder, "hpsv3", options)
     assert scores == {"hpsv3": pytest.approx(np.mean([5, 7, 18])), "hpsv3/std": pytest.approx(np.std([5, 5, 7, 7, 18, 18])),
                       "hpsv3/Animals": 6.0, "hpsv3/Food": 18.0}

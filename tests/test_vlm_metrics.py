@@ -253,6 +253,33 @@ def test_hpsv3_scores_through_the_package_with_a_random_init_qwen2vl(tmp_path, t
                                     "hpsv3/Food": mu[3]})
 
 
+@needs_hpsv3
+def test_curve_puts_geneval_hpsv3_and_geneval2_side_by_side(tmp_path, tiny_judge, tiny_hpsv3):
+    from test_benchmarks import shapes_run
+    base, checkpoint, _ = tiny_hpsv3
+    run = shapes_run(tmp_path / "run")
+    for step, seconds in ((10, 5.0), (20, 10.0)):
+        (tmp_path / f"g{step}").mkdir()
+        folder = g2_folder(tmp_path / f"g{step}", images_per_prompt=1)
+        (folder / "sampling.json").write_text(json.dumps({"train_seconds": seconds, "step": step,
+                                                          "images_seen": 8 * step, "images_per_prompt": 1}))
+        (run / "samples-geneval2").mkdir(exist_ok=True)
+        folder.rename(run / "samples-geneval2" / f"ckpt_{step:07d}")
+    evaluate.load_judge.cache_clear()
+    evaluate.main(["curve", str(run), "--from-samples", "--metrics", "geneval", "hpsv3", "geneval2", "--device", "cpu",
+                   "--geneval2-judge", tiny_judge, "--geneval2-dtype", "fp32", "--hpsv3-base", base,
+                   "--hpsv3-checkpoint", checkpoint, "--hpsv3-precision", "fp32"])
+    points = json.loads((run / "curve.json").read_text())
+    assert [p["train_seconds"] for p in points] == [5.0, 10.0]
+    for p in points:  # HPSv3 scored the GenEval folder's images: one mu each, their mean and spread
+        mu = [json.loads(line)["hpsv3"] for line in (Path(p["samples"]) / "hpsv3.jsonl").read_text().splitlines()]
+        assert p["hpsv3"] == pytest.approx(np.mean(mu)) and p["hpsv3/std"] == pytest.approx(np.std(mu))
+        assert p["overall"] == 1.0 and 0 < p["geneval2"] < 100
+    header = (run / "curve.csv").read_text().splitlines()[0].split(",")
+    assert {"overall", "hpsv3", "hpsv3/std", "geneval2"} <= set(header)
+    assert Image.open(run / "curve.png").size[1] == int((4.2 + 2.6 * 2) * 120)  # panels: geneval, hpsv3, geneval2
+
+
 def test_bench_vlm_sizes_are_per_metric():
     with pytest.raises(data.UserError, match="hpsv3's sizes are tiny and 7b"):
         evaluate.main(["bench-vlm", "--metric", "hpsv3", "--size", "8b"])
