@@ -178,7 +178,8 @@ def test_bench_vlm_geneval2_runs_the_scoring_path_on_a_random_init_judge(capsys)
     assert "prompts/s" in out and "minutes per curve point: 800 prompts x 1 image" in out
 
 
-def test_curve_puts_geneval_and_geneval2_side_by_side(tmp_path, tiny_judge):
+def run_with_geneval2_samples(tmp_path):
+    """A Shapes run with GenEval samples of two checkpoints (5 s, 10 s) and GenEval 2 samples beside them."""
     from test_benchmarks import shapes_run
     run = shapes_run(tmp_path / "run")
     for step, seconds in ((10, 5.0), (20, 10.0)):
@@ -189,6 +190,11 @@ def test_curve_puts_geneval_and_geneval2_side_by_side(tmp_path, tiny_judge):
         (run / "samples-geneval2").mkdir(exist_ok=True)
         folder.rename(run / "samples-geneval2" / f"ckpt_{step:07d}")
     evaluate.load_judge.cache_clear()
+    return run
+
+
+def test_curve_puts_geneval_and_geneval2_side_by_side(tmp_path, tiny_judge):
+    run = run_with_geneval2_samples(tmp_path)
     evaluate.main(["curve", str(run), "--from-samples", "--metrics", "geneval", "geneval2", "--device", "cpu",
                    "--geneval2-judge", tiny_judge, "--geneval2-dtype", "fp32"])
     points = json.loads((run / "curve.json").read_text())
@@ -255,17 +261,8 @@ def test_hpsv3_scores_through_the_package_with_a_random_init_qwen2vl(tmp_path, t
 
 @needs_hpsv3
 def test_curve_puts_geneval_hpsv3_and_geneval2_side_by_side(tmp_path, tiny_judge, tiny_hpsv3):
-    from test_benchmarks import shapes_run
     base, checkpoint, _ = tiny_hpsv3
-    run = shapes_run(tmp_path / "run")
-    for step, seconds in ((10, 5.0), (20, 10.0)):
-        (tmp_path / f"g{step}").mkdir()
-        folder = g2_folder(tmp_path / f"g{step}", images_per_prompt=1)
-        (folder / "sampling.json").write_text(json.dumps({"train_seconds": seconds, "step": step,
-                                                          "images_seen": 8 * step, "images_per_prompt": 1}))
-        (run / "samples-geneval2").mkdir(exist_ok=True)
-        folder.rename(run / "samples-geneval2" / f"ckpt_{step:07d}")
-    evaluate.load_judge.cache_clear()
+    run = run_with_geneval2_samples(tmp_path)
     evaluate.main(["curve", str(run), "--from-samples", "--metrics", "geneval", "hpsv3", "geneval2", "--device", "cpu",
                    "--geneval2-judge", tiny_judge, "--geneval2-dtype", "fp32", "--hpsv3-base", base,
                    "--hpsv3-checkpoint", checkpoint, "--hpsv3-precision", "fp32"])
