@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -181,14 +182,19 @@ class Sampler:
         return info
 
     def write(self, images, info, out):
-        for i, prompt in enumerate(self.prompts):
+        def write_prompt(i):
             folder = out / f"{i:05d}"
             (folder / "samples").mkdir(parents=True, exist_ok=True)
             with open(folder / "metadata.jsonl", "w") as f:
-                f.write(json.dumps(prompt) + "\n")
+                f.write(json.dumps(self.prompts[i]) + "\n")
             for j in range(self.images_per_prompt):
                 Image.fromarray(images[i, j]).save(folder / "samples" / f"{j:04d}.png")
             save_grid([images[i, j] for j in range(self.images_per_prompt)], folder / "grid.png")
+
+        # PNG compression is CPU work that releases the GIL: GenEval's 2,212 images and 553 grids take ~40 s in one
+        # thread (9 ms per 256x256 image), so the folders are written by a thread per core.
+        with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            list(pool.map(write_prompt, range(len(self.prompts))))  # re-raises a failed write
         with open(out / "sampling.json", "w") as f:
             json.dump(info, f, indent=1)
 
