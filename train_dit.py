@@ -284,7 +284,8 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     if hp.batch_size % world_size:
         raise UserError(f"--batch-size {hp.batch_size} does not split evenly over {world_size} ranks")
     per_rank = hp.batch_size // world_size
-    if 0 < hp.micro_batch_size < per_rank and per_rank % hp.micro_batch_size:
+    chunk = min(hp.micro_batch_size or per_rank, per_rank)  # what a rank runs at once (micro_batch_size caps it)
+    if per_rank % chunk:
         raise UserError(f"--micro-batch-size {hp.micro_batch_size} does not divide the per-rank batch {per_rank}")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -331,7 +332,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         # and launching them took the host 39 ms, longer than the GPU's 31 ms of work. Under DDP the gradient
         # all-reduce hooks run between the graph's pieces, and micro-batches accumulate gradients across replays
         # that may reuse the graph's memory: both compile without CUDA graphs.
-        accumulating = 0 < hp.micro_batch_size < per_rank
+        accumulating = chunk < per_rank
         compiled = torch.compile(compiled, mode="default" if world_size > 1 or accumulating else "reduce-overhead")
 
     # =========================================================================
@@ -365,7 +366,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     noise_generator = torch.Generator(device)
     step_fn = functools.partial(train_step, hp=hp, model=compiled, optimizers=optimizers, ema_params=ema_params,
                                 model_params=model_params, autocast=autocast, generator=noise_generator,
-                                latent_shape=dataset.latent_shape, rank=rank, world_size=world_size)
+                                latent_shape=dataset.latent_shape, rank=rank, world_size=world_size, chunk=chunk)
 
     # =========================================================================
     # Compile warm-up, untimed and undone
@@ -647,7 +648,7 @@ def alignment_loss(projected, features):
 
 
 def train_step(step, batch, seconds, *, hp, model, optimizers, ema_params, model_params, autocast, generator,
-               latent_shape, rank, world_size):
+               latent_shape, rank, world_size, chunk):
     """One update: flow matching on x_t = (1 - t) x + t noise, target velocity noise - x, plus align_weight times the
     alignment loss. Returns the flow-matching loss, the gradient norm and the alignment loss (0 when off) on the
     device (read once per log interval)."""
@@ -659,11 +660,10 @@ def train_step(step, batch, seconds, *, hp, model, optimizers, ema_params, model
     for group in (g for opt in optimizers for g in opt.param_groups):
         group["lr"] = group["peak_lr"] * scale
     per_rank = len(latents)
-    micro = min(hp.micro_batch_size or per_rank, per_rank)
     loss, align = 0.0, torch.zeros((), device=latents.device)
-    for start in range(0, per_rank, micro):
-        part = slice(start, start + micro)
-        last = start + micro >= per_rank
+    for start in range(0, per_rank, chunk):
+        part = slice(start, start + chunk)
+        last = start + chunk >= per_rank
         # DDP all-reduces gradients on the last chunk only; the chunks' losses add up to the batch mean.
         with (model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()), autocast:
             output = model(x_t[part], t[part], text_tokens[part], text_pooled[part], drop[part], align=aligning)
