@@ -747,21 +747,34 @@ def read_sample_folder(folder):
     return entries
 
 
-def score_images(images, backend="shapes", th=Thresholds(), options=None):
+def score_images(images, backend="shapes", th=Thresholds(), options=None, seconds=None):
     """One results row per (metadata, filename, (H, W, 3) uint8 image), as GenEval's results.jsonl, with the
-    detector's raw output under "detections" (stored_detections)."""
+    detector's raw output under "detections" (stored_detections). `seconds`, if given, gets the wall time of
+    each stage: load (the models), read (the images' iterator), detect, colour, and judge (the rules)."""
     options = options or Options()
+    seconds = {} if seconds is None else seconds
+    clock = [time.perf_counter()]
+
+    def lap(stage):  # the time since the last lap, added to `stage`
+        now = time.perf_counter()
+        seconds[stage] = seconds.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
     detect, classify_colors = BACKENDS[backend](options)
+    lap("load")
     images, rows = iter(images), []
     while batch := list(itertools.islice(images, options.batch_size)):
+        lap("read")
         raws = detect([image for _, _, image in batch])
+        lap("detect")
         kept = [keep_detections(raw, metadata["tag"], th) for raw, (metadata, _, _) in zip(raws, batch)]
         # GenEval classifies the colours of the top-`count` detections of each coloured include clause that
         # found enough of them; asking for all of them up front lets one CLIP batch serve the image batch.
         wanted = [(k, clause["class"], kept[k][clause["class"]][:clause["count"]])
                   for k, (metadata, _, _) in enumerate(batch) for clause in metadata["include"]
                   if "color" in clause and len(kept[k].get(clause["class"], [])) >= clause["count"]]
+        lap("judge")
         colours = classify_colors([(batch[k][2], cls, dets) for k, cls, dets in wanted])
+        lap("colour")
         for (_, _, dets), names in zip(wanted, colours):
             for detection, name in zip(dets, names):
                 detection.color = name
@@ -771,6 +784,7 @@ def score_images(images, backend="shapes", th=Thresholds(), options=None):
                          "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
                          "details": json.dumps({c: [list(d.box) for d in ds] for c, ds in kept[k].items()}),
                          "detections": stored_detections(raws[k], th)})
+        lap("judge")
     return rows
 
 
@@ -809,6 +823,7 @@ def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=No
     and returns the scores, the others return None."""
     rank, world_size = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                         if torch.distributed.is_initialized() else (0, 1))
+    seconds = {}  # per stage, this rank's (score_images)
     if backend == "official":  # runs whole folders in its own environment, so it is no image detector
         rows = official_rows(folder, options or Options()) if rank == 0 else None
     else:
@@ -824,7 +839,7 @@ def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=No
                                                  f" (rank 0's share of {world_size})" if world_size > 1 else ""),
                                              unit="img", leave=False,
                                              disable=rank != 0 or not sys.stderr.isatty()))
-        rows = score_images(images, backend, th, options)
+        rows = score_images(images, backend, th, options, seconds)
         if world_size > 1:
             parts = [None] * world_size if rank == 0 else None
             torch.distributed.gather_object(rows, parts)
@@ -839,7 +854,8 @@ def score_folder(folder, backend="shapes", th=Thresholds(), options=None, out=No
     scores = summarize(rows)
     with open(out / "scores.json", "w") as f:
         json.dump({"backend": backend, "metric": GENEVAL_METRICS[backend], "images": len(rows), "ranks": world_size,
-                   **scores}, f, indent=1)
+                   **scores, **({"seconds": {k: round(v, 2) for k, v in seconds.items()}} if seconds else {})},
+                  f, indent=1)
     return scores
 
 
@@ -1551,10 +1567,14 @@ def curve(args):
                 raise UserError(f"{out / 'sampling.json'}: missing (this checkpoint was not sampled; drop --from-samples)")
             if world_size > 1:
                 torch.distributed.barrier()  # rank 0 has written the samples that every rank scores a share of
+            score_start = time.perf_counter()
             columns = score_metrics(out, metrics, args.backend, options)
             if rank == 0:
                 point = {**info, **point, **columns,
                          "samples" if samples == args.samples else "samples_geneval2": str(out)}
+                if sampler is not None:
+                    tqdm.write(f"{out}: sampled ({sample.seconds_text(info['seconds'])}), scored "
+                               f"{' '.join(metrics)} in {time.perf_counter() - score_start:.1f} s")
         if rank != 0:
             continue
         points.append(point)

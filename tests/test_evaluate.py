@@ -19,7 +19,10 @@ def test_truth_renders_score_at_least_099_on_every_task(truth_renders):
         assert scores[tag] >= 0.99, (tag, scores)
     rows = [json.loads(line) for line in (truth_renders / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 6 * 20 * data.EVAL_IMAGES_PER_PROMPT
-    assert json.loads((truth_renders / "scores.json").read_text())["overall"] == scores["overall"]
+    written = json.loads((truth_renders / "scores.json").read_text())
+    assert written["overall"] == scores["overall"]
+    assert set(written["seconds"]) == {"load", "read", "detect", "judge", "colour"}  # what scoring cost, by stage
+    assert written["seconds"]["detect"] > 0 and min(written["seconds"].values()) >= 0
 
 
 def test_truth_renders_are_the_eval_prompts_in_geneval_layout(truth_renders, shapes_data):

@@ -59,6 +59,20 @@ def test_sampler_writes_geneval_layout(samples, prompts_file):
     assert info["step"] == TRAIN_STEPS
     assert info["sample_py_sha256"] == hashlib.sha256((REPO / "sample.py").read_bytes()).hexdigest()
     assert len(evaluate.read_sample_folder(samples)) == 3  # the scorer reads it back
+    assert set(info["seconds"]) == {"denoise", "decode", "write"}  # what the point cost, stage by stage
+    assert info["seconds"]["denoise"] > 0 and all(v >= 0 for v in info["seconds"].values())
+
+
+@pytest.mark.parametrize("n, batch, ranks, size", [(2212, 256, 1, 246), (2212, 256, 8, 139), (2212, 256, 2, 222),
+                                                   (6, 2, 1, 2), (6, 2, 2, 2), (5, 8, 1, 5), (3, 4, 8, 1)])
+def test_batches_are_equal_and_as_many_on_every_rank(n, batch, ranks, size):
+    assert sample.even_batch_size(n, batch, ranks) == size
+    per_rank = [len(range(r * size, n, ranks * size)) for r in range(ranks)]  # Sampler.images' deal
+    covered = sorted(k for r in range(ranks) for start in range(r * size, n, ranks * size)
+                     for k in range(start, min(start + size, n)))
+    assert covered == list(range(n))  # every image once
+    assert size <= batch and max(per_rank) == -(-n // (ranks * batch))  # no more rounds than full batches need
+    assert max(per_rank) - min(per_rank) <= 1
 
 
 def test_sampler_is_deterministic(samples, checkpoint, prompts_file, tmp_path):
