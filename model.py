@@ -249,6 +249,26 @@ class DiT(nn.Module):
         return (out, aligned) if align else out
 
 
+FLOAT8_RECIPES = ("off", "tensorwise", "rowwise")  # torchao's float8 training recipes by name, and off
+
+
+def use_float8(net, recipe):
+    """Swap the token-wise linears of every block (attention qkv and proj, MLP fc1 and fc2: 95% of XL/2's
+    FLOPs) for torchao's Float8Linear, which runs their forward and backward matmuls in FP8 with dynamic scales
+    (`recipe`: tensorwise or rowwise). Weights and their names stay as they were: checkpoints load into a plain
+    DiT. The adaLN, embedding and output linears see one row per image or few tokens, where the casts would
+    cost more than the FP8 matmul saves."""
+    if recipe == "off":
+        return net
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise UserError(f"float8 {recipe} needs torchao (pip install -r requirements.txt)") from None
+    token_wise = {name for name, m in net.named_modules() if isinstance(m, (Attention, MLP))}
+    return convert_to_float8_training(net, config=Float8LinearConfig.from_recipe_name(recipe),
+                                      module_filter_fn=lambda m, name: name.rpartition(".")[0] in token_wise)
+
+
 def param_count(model):
     return sum(p.numel() for p in model.parameters())
 

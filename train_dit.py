@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import fcntl
 import functools
+import gc
 import inspect
 import json
 import math
@@ -109,6 +110,7 @@ class Hyperparameters:
     # systems
     seed: int = 0  # model init, noise, times and caption drops (the data order is the dataset's, fixed)
     compile: bool = True  # torch.compile the model (GPU only)
+    float8: str = "off"  # FP8 matmuls in the blocks' token linears (torchao float8 training): off, tensorwise, rowwise
     compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
     resume: str = ""  # checkpoint to continue from
     verify_full: bool = False  # hash every byte of the data at start (false: sizes and sampled sha256 windows)
@@ -174,7 +176,10 @@ CONFIGS["imagenet-external"] = dataclasses.replace(
 
 # Allowed values, checked when the flags are read: a bad value fails at once, naming its flag.
 CHOICES = {"track": sorted(data.TRACK_SHAPES), "prediction": ["image", "velocity"], "optimizer": ["adamw", "muon"],
-           "time_sampling": ["logit_normal", "uniform"], "sample_weights": ["ema", "model"]}
+           "time_sampling": ["logit_normal", "uniform"], "sample_weights": ["ema", "model"],
+           "float8": list(model.FLOAT8_RECIPES)}
+# The speed levers and their values when off: --bench with any of them on also times the step with all of them off.
+SPEED_LEVERS_OFF = {"float8": "off"}
 RANGES = [
     (("hidden", "depth", "heads", "mlp_ratio", "patch_size", "batch_size", "log_every", "ckpt_every_seconds",
       "time_shift", "align_depth", "projector_width"), "> 0", lambda v: v > 0),
@@ -319,6 +324,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     cfg = model_config(hp, dataset)
     raw_model = model.DiT(cfg).to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)
+    model.use_float8(raw_model, hp.float8)  # the EMA, which only averages weights, stays a plain DiT
     n_params = model.param_count(raw_model)
     optimizers = build_optimizers(hp, raw_model)
     step, train_seconds, position = 0, 0.0, 0
@@ -400,7 +406,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
                 f.write(json.dumps(report) + "\n")
         if world_size > 1:
             dist.destroy_process_group()
-        return
+        return report
 
     # =========================================================================
     # Training loop: read the losses and the clock every log_every steps (sooner near the end of the budget);
@@ -777,6 +783,7 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
               if cfg.align_depth else "off",
               "latent": dataset.latent_shape, "text_tokens": cfg.text_len, "batch": hp.batch_size,
               "world_size": world_size, "optimizer": hp.optimizer, "compile": bool(hp.compile and use_cuda),
+              "float8": hp.float8,
               "params": n_params, "gflop_per_image": flops / 1e9, "ms_per_step": 1e3 * step_alone,
               "img_per_s": hp.batch_size / step_alone, "loader_share": step_fed / step_alone - 1,
               "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "torch": torch.__version__}
@@ -824,7 +831,8 @@ def benchmark_sampling(hp, cfg, raw_model, dataset, device):
             row.update(tflops=flops / seconds / 1e12, mfu=flops / seconds / peak)
         rows.append(row)
     return {"bench": "sample", "model": f"{cfg.hidden}x{cfg.depth}/{cfg.patch_size}", "track": hp.track,
-            "batch": hp.batch_size, "compile": bool(hp.compile and use_cuda), "params": model.param_count(net),
+            "batch": hp.batch_size, "compile": bool(hp.compile and use_cuda), "float8": hp.float8,
+            "params": model.param_count(net),
             "gflop_per_forward": model.flops_per_image(cfg, training=False) / 1e9, "rows": rows,
             "matmul_peak_tflops": peak / 1e12 if peak else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if use_cuda else None,
@@ -848,7 +856,8 @@ def format_bench(r):
     if r["bench"] == "sample":
         lines = []
         for row in r["rows"]:
-            line = (f"bench sample | {r['model']} {r['track']} | batch {r['batch']} | compile {r['compile']} | 100 NFE, "
+            line = (f"bench sample | {r['model']} {r['track']} | batch {r['batch']} | compile {r['compile']} | "
+                    f"float8 {r['float8']} | 100 NFE, "
                     f"cfg interval {row['cfg_interval']}: {row['forward_passes_per_image']} forward passes per image | "
                     f"{row['seconds']:.2f} s | {row['img_per_s']:.2f} img/s | {row['forward_img_per_s']:.0f} forward img/s")
             if "mfu" in row:
@@ -858,7 +867,7 @@ def format_bench(r):
         return "\n".join(lines)
     line = (f"bench train | {r['model']} {r['track']} {'x'.join(map(str, r['latent']))} + {r['text_tokens']} text tokens | "
             f"batch {r['batch']} on {r['world_size']} rank(s) | {r['optimizer']} | align {r['align']} | "
-            f"compile {r['compile']} | "
+            f"compile {r['compile']} | float8 {r['float8']} | "
             f"params {r['params'] / 1e6:.1f}M | {r['gflop_per_image']:.1f} GFLOP/img | {r['ms_per_step']:.1f} ms/step | "
             f"{r['img_per_s']:.0f} img/s | loader share {100 * r['loader_share']:+.1f}%")
     if "mfu" in r:
@@ -922,8 +931,32 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_sub_(params, list(updates.unbind(0)))
 
 
+def bench(hp, run):
+    """--bench: the config's numbers, and with any speed lever on, first the same model with every lever off
+    (SPEED_LEVERS_OFF) in the same process, then the ratio of the two: every speed change against one yardstick."""
+    levers_on = {k: getattr(hp, k) for k, off in SPEED_LEVERS_OFF.items() if getattr(hp, k) != off}
+    if not levers_on:
+        return main(hp, run)
+    reference = main(dataclasses.replace(hp, **SPEED_LEVERS_OFF), run)
+    gc.collect()  # the reference's model, its compiled graphs and its log's lock go before the next
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    report = main(hp, run)
+    rates = ([(row["img_per_s"], ref["img_per_s"]) for row, ref in zip(report["rows"], reference["rows"])]
+             if run.bench == "sample" else [(report["img_per_s"], reference["img_per_s"])])
+    ratio = {"bench": "ratio", "levers": levers_on, "ratios": [mine / ref for mine, ref in rates]}
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"bench ratio | {', '.join(f'{k}={v}' for k, v in levers_on.items())} against every lever off | "
+              + " | ".join(f"{r:.2f}x img/s" for r in ratio["ratios"]))
+        with open(Path(hp.out) / "bench.jsonl", "a") as f:
+            f.write(json.dumps(ratio) + "\n")
+    return report
+
+
 if __name__ == "__main__":
     try:
-        main(*parse_args())
+        hp, run = parse_args()
+        (bench if run.bench else main)(hp, run)
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -145,6 +145,74 @@ def test_sample_bench_counts_the_forward_passes_of_interval_cfg(tmp_path):
     assert "cfg interval [0.1, 0.75]: 166 forward passes per image" in interval
 
 
+def test_bench_with_a_speed_lever_on_times_every_lever_off_first_and_prints_the_ratio(tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli(REPO / "train_dit.py", "--config", "shapes-cpu", "--bench", "train", "--batch-size", 8,
+                     "--bench-steps", 2, "--float8", "tensorwise", "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("bench ")]
+    assert [line.split(" | float8 ")[1].split(" ")[0] for line in lines[:2]] == ["off", "tensorwise"]
+    reference, lever, ratio = (json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines())
+    assert (reference["float8"], lever["float8"], ratio["levers"]) == ("off", "tensorwise", {"float8": "tensorwise"})
+    assert ratio["ratios"] == [pytest.approx(lever["img_per_s"] / reference["img_per_s"])]
+    assert lines[2] == f"bench ratio | float8=tensorwise against every lever off | {ratio['ratios'][0]:.2f}x img/s"
+
+
+# -----------------------------------------------------------------------------
+# FP8 matmuls (torchao's float8 training)
+
+
+def tiny_dit():
+    torch.manual_seed(0)
+    return dit.DiT(dit.DiTConfig(patch_size=8, text_blocks=1, text_len=16, **TINY))
+
+
+def test_float8_swaps_only_the_blocks_token_linears_and_keeps_the_weights():
+    from torchao.float8.float8_linear import Float8Linear
+    net, plain = tiny_dit(), tiny_dit()
+    dit.use_float8(net, "tensorwise")
+    swapped = sorted(name for name, m in net.named_modules() if isinstance(m, Float8Linear))
+    assert swapped == sorted(f"{blocks}.{i}.{layer}" for blocks, n in (("blocks", 4), ("text_blocks", 1))
+                             for i in range(n) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+    assert not isinstance(net.blocks[0].adaLN[1], Float8Linear) and not isinstance(net.final.linear, Float8Linear)
+    weights, plain_weights = net.state_dict(), plain.state_dict()
+    assert list(weights) == list(plain_weights)  # a checkpoint of it loads into a plain DiT
+    assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)
+    # The same function, to FP8's precision (e4m3: 3 mantissa bits); the zero-initialised adaLN and output
+    # layers would hide the blocks, so they are filled first, alike in both.
+    for m in (net, plain):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in m.parameters():
+                if not p.any():
+                    p.normal_(std=0.05)
+    x, t = torch.randn(4, 3, 64, 64), torch.rand(4)
+    tokens, pooled = torch.randn(4, 16, 512), torch.randn(4, 512)
+    with torch.no_grad():
+        fp8, bf = net(x, t, tokens, pooled), plain(x, t, tokens, pooled)
+    assert torch.nn.functional.cosine_similarity(fp8.flatten(), bf.flatten(), dim=0) > 0.99
+    assert not torch.equal(fp8, bf)  # it did run in FP8
+
+
+def test_a_float8_run_follows_the_plain_run_and_its_checkpoint_samples_in_a_plain_model(shapes_data, trained_run,
+                                                                                          tmp_path):
+    run = train(shapes_data, tmp_path / "f8", 0, "--float8", "tensorwise", "--ckpt-every-seconds", "0.0001")
+    losses, plain_losses = logged_losses(run), logged_losses(trained_run)  # the same seed without FP8
+    assert sorted(losses) == sorted(plain_losses) and len(losses) >= TRAIN_STEPS
+    assert all(float(losses[s]) == pytest.approx(float(plain_losses[s]), rel=0.05) for s in losses)
+    assert any(losses[s] != plain_losses[s] for s in losses)
+    assert '"float8": "tensorwise"' in (run / "log.txt").read_text()
+    ckpt = dit.load_checkpoint(run / "checkpoints" / f"ckpt_{TRAIN_STEPS:07d}.pt")
+    assert ckpt["hparams"]["float8"] == "tensorwise"
+    plain = dit.DiT(dit.DiTConfig(**ckpt["model_config"]))
+    dit.load_weights(plain, ckpt["model"], "ckpt")  # the FP8 layers' weights load into nn.Linear
+    samples = tmp_path / "samples"
+    result = run_cli(REPO / "sample.py", run / "checkpoints" / f"ckpt_{TRAIN_STEPS:07d}.pt", "--per-tag", 1,
+                     "--images-per-prompt", 1, "--out", samples)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(samples.rglob("0000.png"))) == 6
+
+
 # -----------------------------------------------------------------------------
 # Sampler: time grid and CFG interval
 
