@@ -110,10 +110,10 @@ class Sampler:
     """
 
     def __init__(self, manifest, prompts, encoder, settings, device="cpu", images_per_prompt=4, batch_size=256,
-                 seed=0, compile=False):
+                 seed=0, compile=False, float8="off"):
         self.manifest, self.prompts, self.device = manifest, prompts, device
         self.settings, self.images_per_prompt, self.batch_size = settings, images_per_prompt, batch_size
-        self.seed, self.compile = seed, compile
+        self.seed, self.compile, self.float8 = seed, compile, float8
         self.autoencoder = data.autoencoder_from_manifest(manifest, device)
         self.latent_shape = tuple(manifest["latent"]["shape"])
         self.tokens, self.pooled = encoder.encode([p["prompt"] for p in prompts])
@@ -126,7 +126,8 @@ class Sampler:
                             f"the data's text encoder gives {self.tokens.shape[-1]}")
         if ckpt["model_config"] != self.model_config:
             self.model_config = ckpt["model_config"]
-            self.net = model.DiT(model.DiTConfig(**self.model_config)).to(self.device).eval()
+            self.net = model.use_float8(model.DiT(model.DiTConfig(**self.model_config)).to(self.device).eval(),
+                                        self.float8)
             self.forward = torch.compile(self.net, mode="reduce-overhead") if self.compile else self.net  # CUDA graphs
         model.load_weights(self.net, ckpt[self.settings["sample_weights"]], ckpt_path)
         return ckpt
@@ -178,6 +179,7 @@ class Sampler:
         info = {"checkpoint": str(ckpt_path), "nfe": NFE, "sampler": "euler", "cfg_scale": self.settings["cfg_scale"],
                 "time_shift": self.settings["time_shift"], "cfg_interval": list(self.settings["cfg_interval"]),
                 "weights": self.settings["sample_weights"], "seed": self.seed, "images_per_prompt": self.images_per_prompt,
+                "float8": self.float8,
                 "sample_py_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
                 **{k: ckpt[k] for k in ("train_seconds", "step", "images_seen", "params")}}
         if images is None:  # not rank 0: rank 0 writes
@@ -305,6 +307,8 @@ def add_sampling_args(p):
     p.add_argument("--compile", type=lambda v: {"true": True, "false": False}[v.lower()], default=None,
                    metavar="{true,false}", help="torch.compile the model with CUDA graphs (default: the recipe's "
                    "compile, on a GPU)")
+    p.add_argument("--float8", choices=model.FLOAT8_RECIPES, default="off",
+                   help="FP8 matmuls in the blocks' token linears, as train_dit.py --float8 (default: off)")
 
 
 def sampler_settings(args, hparams, ckpt_path):
@@ -338,7 +342,7 @@ def sampler_from_args(args, ckpt_path):
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     encoder = data.text_encoder_from_manifest(manifest, device)
     return Sampler(manifest, select_prompts(prompts, settings["eval_per_tag"]), encoder, settings, device,
-                   args.images_per_prompt, args.batch_size, args.seed, settings["compile"])
+                   args.images_per_prompt, args.batch_size, args.seed, settings["compile"], args.float8)
 
 
 def main(argv=None):

@@ -206,11 +206,13 @@ def test_a_float8_run_follows_the_plain_run_and_its_checkpoint_samples_in_a_plai
     assert ckpt["hparams"]["float8"] == "tensorwise"
     plain = dit.DiT(dit.DiTConfig(**ckpt["model_config"]))
     dit.load_weights(plain, ckpt["model"], "ckpt")  # the FP8 layers' weights load into nn.Linear
-    samples = tmp_path / "samples"
-    result = run_cli(REPO / "sample.py", run / "checkpoints" / f"ckpt_{TRAIN_STEPS:07d}.pt", "--per-tag", 1,
-                     "--images-per-prompt", 1, "--out", samples)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list(samples.rglob("0000.png"))) == 6
+    for float8 in ("off", "tensorwise"):  # the sampler's own choice, either way
+        samples = tmp_path / f"samples-{float8}"
+        result = run_cli(REPO / "sample.py", run / "checkpoints" / f"ckpt_{TRAIN_STEPS:07d}.pt", "--per-tag", 1,
+                         "--images-per-prompt", 1, "--float8", float8, "--out", samples)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(list(samples.rglob("0000.png"))) == 6
+        assert json.loads((samples / "sampling.json").read_text())["float8"] == float8
 
 
 # -----------------------------------------------------------------------------
