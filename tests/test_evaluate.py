@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import data
@@ -238,3 +239,17 @@ def test_connected_components_match_a_flood_fill_on_random_masks():
             for min_area in (1, 5):
                 found = [sorted(map(tuple, c.tolist())) for c in evaluate.connected_components(mask, min_area)]
                 assert found == flood_fill_components(mask, min_area)
+
+
+def test_read_ahead_keeps_the_order_and_raises_a_failed_read_where_its_item_comes():
+    import time
+
+    def read(i):
+        time.sleep(0.002 * (7 - i % 7))  # later items finish first
+        if i == 150:
+            raise data.UserError(f"image {i}: unreadable")
+        return i * i
+    reads = evaluate.read_ahead(read, range(200), ahead=16)
+    assert [next(reads) for _ in range(150)] == [i * i for i in range(150)]
+    with pytest.raises(data.UserError, match="image 150: unreadable"):
+        next(reads)
