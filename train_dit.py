@@ -937,7 +937,9 @@ def bench(hp, run):
     levers_on = {k: getattr(hp, k) for k, off in SPEED_LEVERS_OFF.items() if getattr(hp, k) != off}
     if not levers_on:
         return main(hp, run)
-    reference = main(dataclasses.replace(hp, **SPEED_LEVERS_OFF), run)
+    off = {k: SPEED_LEVERS_OFF[k] for k in levers_on}
+    reference = main(dataclasses.replace(hp, **off), argparse.Namespace(**{**vars(run),
+                                                                          "overrides": {**run.overrides, **off}}))
     gc.collect()  # the reference's model, its compiled graphs and its log's lock go before the next
     torch._dynamo.reset()
     if torch.cuda.is_available():
