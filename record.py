@@ -49,6 +49,8 @@ BACKENDS = {"shapes": "shapes", "imagenet": "mask2former"}  # the detector each 
 METRIC_NAMES = {"shapes": "GenEval-Shapes", "imagenet": "GenEval (geneval-m2f)"}
 RUN_KEYS = ("seed", "out", "resume", "wandb")  # hyperparameters that may differ between the runs of one recipe
 SAMPLER_KEYS = ("nfe", "sampler", "cfg_scale", "cfg_interval", "time_shift", "weights", "seed", "images_per_prompt")
+# Sampler choices that curves record since sample.py had them (older curves lack them): one value across the runs.
+SAMPLER_CHOICES = (*SAMPLER_KEYS, "float8")
 MIN_RUNS, MAX_P = 5, 0.01
 GENEVAL_IMAGES_PER_PROMPT = 4
 # The ImageNet evaluation set, GenEval's official 553 prompts (data.GENEVAL_PROMPTS_SHA256), as prompt_list_sha256
@@ -569,7 +571,7 @@ def recipe_problems(folder, runs, record):
     differing = sorted(k for k in set().union(*recipes) if len({json.dumps(r.get(k)) for r in recipes}) > 1)
     if differing:
         problems.append(f"{folder}: the runs' hyperparameters differ in {differing}; a record is one recipe")
-    samplers = {json.dumps({key: p.get(key) for key in SAMPLER_KEYS}, sort_keys=True) for r in runs for p in r["curve"]}
+    samplers = {json.dumps({key: p.get(key) for key in SAMPLER_CHOICES}, sort_keys=True) for r in runs for p in r["curve"]}
     if len(samplers) > 1:  # settings chosen per run or per checkpoint would select on the metric
         problems.append(f"{folder}: checkpoints sampled with different settings: {' | '.join(sorted(samplers))}")
     if record.get("format", 1) >= 2:  # the sampler that made the curves is the one the logs embed

@@ -262,6 +262,10 @@ def guidance_tuned_for_one_run(rec):
     edit_curve(rec, "run4", lambda points: points[1].update(cfg_scale=8.0))
 
 
+def fp8_sampling_for_one_run(rec):
+    edit_curve(rec, "run3", lambda points: [p.update(float8="tensorwise") for p in points])
+
+
 def other_sampler_code(rec):
     edit_curve(rec, "run4", lambda points: [p.update(sample_py_sha256="0" * 64) for p in points])
 
@@ -327,6 +331,7 @@ CORRUPTIONS = [
     (drop_an_image, "holds 47 images, not 4 for each of the 12 prompts"),
     (sparse_checkpoints, "checkpoints up to mark 1 at most 7.0 s apart"),
     (guidance_tuned_for_one_run, "sampled with different settings"),
+    (fp8_sampling_for_one_run, "sampled with different settings"),
     (other_sampler_code, "one sampler code across all runs"),
     (duplicate_a_run, "the runs share a training seed [0, 0, 2, 3, 4]"),
     (best_run_twice, "run1 and run5 have the same loss trace and clock and curve: one run counted twice"),
