@@ -4,6 +4,7 @@
     python record.py check records/shapes/2026-11-24_ShapesSixBlocks200
     python record.py check records/shapes/<record> --samples runs/rec   # also the detector, on the exact images
     python record.py build runs/in/seed* --name MyIdea --track imagenet --target 0.5 --detector DIR ...
+    python record.py compare runs/fp8-s* --against runs/bf16-s*     # a change against its baseline, within noise?
 
 A record is the earliest checkpoint mark at which n >= 5 runs of one recipe beat the track's target
 in a one-sided t-test at p < 0.01, with checkpoints close enough together for that claim (README.md,
@@ -117,6 +118,50 @@ def p_value_above(scores, target):
         return 0.0 if scores[0] > target else 1.0
     from scipy import stats
     return float(stats.ttest_1samp(scores, target, alternative="greater").pvalue)
+
+
+def welch(a, b):
+    """(mean a - mean b, its standard error, Welch's two-sided p) of two samples; p is None where the error is 0."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = float(a.mean() - b.mean())
+    if min(len(a), len(b)) < 2:
+        return diff, 0.0, None
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return diff, 0.0, None
+    from scipy import stats
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    return diff, float(np.sqrt(va + vb)), float(2 * stats.t.sf(abs(diff) / np.sqrt(va + vb), df))
+
+
+def compare_runs(runs, against, tail=0.1):
+    """Markdown rows comparing two sets of runs (a change, and its baseline; each a recipe over seeds): per
+    checkpoint mark the mean training seconds, each set's mean overall score +- its standard error, the difference
+    and Welch's two-sided p; then the training loss, each run's mean over its logged steps in the last `tail` of
+    the shortest run's steps, likewise. How a precision or recipe change is judged "within noise"."""
+    sets = [[json.loads((Path(r) / "curve.json").read_text()) for r in group] for group in (runs, against)]
+    losses = [[{k: float(v) for k, v in log_lines(read_log(r))["losses"].items()} for r in group]
+              for group in (runs, against)]
+
+    def mean_se(values, form):
+        return f"{np.mean(values):{form}} +- {np.std(values, ddof=1) / np.sqrt(len(values)):{form}}" \
+            if len(values) > 1 else f"{values[0]:{form}}"
+
+    def row(name, seconds, a, b, form=".3f"):
+        diff, se, p = welch(a, b)
+        return (f"| {name} | {seconds} | {mean_se(a, form)} | {mean_se(b, form)} | {diff:+{form}} +- {se:{form}} | "
+                f"{'-' if p is None else f'{p:.3g}'} |")
+    rows = [f"| mark | seconds (runs / against) | runs (n = {len(runs)}) | against (n = {len(against)}) | "
+            f"difference | p (Welch, two-sided) |", "| --- | --- | --- | --- | --- | --- |"]
+    for k in range(min(len(points) for group in sets for points in group)):
+        a, b = ([points[k]["overall"] for points in group] for group in sets)
+        seconds = " / ".join(f"{np.mean([points[k]['train_seconds'] for points in group]):.1f}" for group in sets)
+        rows.append(row(f"checkpoint {k + 1}: overall", seconds, a, b))
+    last = min(max(steps) for group in losses for steps in group)
+    start = last - max(1, int(tail * last)) + 1
+    a, b = ([np.mean([v for step, v in steps.items() if start <= step <= last]) for steps in group] for group in losses)
+    rows.append(row(f"training loss, steps {start}-{last}", "", a, b, ".4g"))
+    return rows
 
 
 def largest_gap(points, k):
@@ -650,7 +695,14 @@ def main(argv=None):
     c.add_argument("--samples", default=None, help="a folder of the runs' exact claimed images: runK/ in GenEval's "
                    "layout (or runK/samples.npz); their hashes and detections are checked too")
     evaluate.add_detector_args(c)
+    m = sub.add_parser("compare", help="two sets of runs (a change and its baseline), checkpoint by checkpoint: "
+                       "mean overall +- s.e., the difference and Welch's p; and the training loss")
+    m.add_argument("runs", nargs="+", help="run folders of the change (each with log.txt and curve.json)")
+    m.add_argument("--against", nargs="+", required=True, help="run folders of the baseline")
     args = p.parse_args(argv)
+    if args.command == "compare":
+        print("\n".join(compare_runs(args.runs, args.against)))
+        return
     if args.command == "build":
         out = args.out or f"records/{args.track}/{datetime.date.today():%Y-%m-%d}_{args.name}"
         record = build_record(args.runs, out, args.name, args.track, args.target, evaluate.options_from_args(args))

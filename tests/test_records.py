@@ -633,3 +633,27 @@ def test_a_track_without_a_target_takes_it_from_its_first_record(imagenet_runs, 
     bad = corrupt_copy(imagenet_record, tmp_path, lambda rec: edit_record(rec, lambda meta: meta.update(target=-1)))
     assert "record.json: target -1 is not an overall score in (0, 1) (the imagenet track's first record sets its " \
            "target)" in record.check_record(bad)
+
+
+def test_compare_gives_each_marks_means_difference_and_welchs_p_and_the_loss(tmp_path, capsys):
+    def make_run(name, overall, loss):  # two checkpoints; 20 logged steps of a constant loss
+        run = tmp_path / name
+        run.mkdir()
+        (run / "curve.json").write_text(json.dumps([{"train_seconds": 10.0, "overall": overall},
+                                                    {"train_seconds": 20.0, "overall": 0.5}]))
+        (run / "log.txt").write_text("".join(f"step {s} loss {loss}\n" for s in range(1, 21)))
+        return run
+    runs = [make_run(f"a{i}", o, 1.0) for i, o in enumerate((0.8, 0.9, 1.0))]
+    against = [make_run(f"b{i}", o, 1.0 + 0.1 * i) for i, o in enumerate((0.5, 0.6, 0.7))]
+    record.main(["compare", *map(str, runs), "--against", *map(str, against)])
+    rows = capsys.readouterr().out.splitlines()
+    # By hand: difference 0.3, s.e. sqrt(0.01/3 + 0.01/3); with equal variances and n = 3 each Welch's df is 4,
+    # whose t distribution has the closed form F(t) = 1/2 + 3/4 a (1 - a^2/3), a = t / sqrt(4 + t^2).
+    se = (0.02 / 3) ** 0.5
+    t = 0.3 / se
+    a = t / (4 + t * t) ** 0.5
+    p = 2 * (1 - (0.5 + 0.75 * a * (1 - a * a / 3)))
+    assert rows[2] == (f"| checkpoint 1: overall | 10.0 / 10.0 | 0.900 +- 0.058 | 0.600 +- 0.058 | +0.300 +- {se:.3f} | "
+                       f"{p:.3g} |")
+    assert rows[3] == "| checkpoint 2: overall | 20.0 / 20.0 | 0.500 +- 0.000 | 0.500 +- 0.000 | +0.000 +- 0.000 | - |"
+    assert rows[4].startswith("| training loss, steps 19-20 |  | 1 +- 0 | 1.1 +- 0.05774 | -0.1 +- 0.05774 |")
