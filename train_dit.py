@@ -111,6 +111,7 @@ class Hyperparameters:
     seed: int = 0  # model init, noise, times and caption drops (the data order is the dataset's, fixed)
     compile: bool = True  # torch.compile the model (GPU only)
     float8: str = "off"  # FP8 matmuls in the blocks' token linears (torchao float8 training): off, tensorwise, rowwise
+    max_autotune: bool = False  # compile's max-autotune: Triton matmuls with elementwise epilogues fused (slow compile)
     compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
     resume: str = ""  # checkpoint to continue from
     verify_full: bool = False  # hash every byte of the data at start (false: sizes and sampled sha256 windows)
@@ -179,7 +180,7 @@ CHOICES = {"track": sorted(data.TRACK_SHAPES), "prediction": ["image", "velocity
            "time_sampling": ["logit_normal", "uniform"], "sample_weights": ["ema", "model"],
            "float8": list(model.FLOAT8_RECIPES)}
 # The speed levers and their values when off: --bench with any of them on also times the step with all of them off.
-SPEED_LEVERS_OFF = {"float8": "off"}
+SPEED_LEVERS_OFF = {"float8": "off", "max_autotune": False}
 RANGES = [
     (("hidden", "depth", "heads", "mlp_ratio", "patch_size", "batch_size", "log_every", "ckpt_every_seconds",
       "time_shift", "align_depth", "projector_width"), "> 0", lambda v: v > 0),
@@ -339,7 +340,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         # all-reduce hooks run between the graph's pieces, and micro-batches accumulate gradients across replays
         # that may reuse the graph's memory: both compile without CUDA graphs.
         accumulating = chunk < per_rank
-        compiled = torch.compile(compiled, mode="default" if world_size > 1 or accumulating else "reduce-overhead")
+        compiled = torch.compile(compiled, mode=compile_mode(hp, graphs=world_size == 1 and not accumulating))
 
     # =========================================================================
     # The run folder and its log: created only now that the data, the model and the resume state checked out.
@@ -505,6 +506,13 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
 
 # =============================================================================
 # The pieces of main, in the order it uses them
+
+
+def compile_mode(hp, graphs):
+    """torch.compile's mode: with CUDA graphs where `graphs` allows them, and max-autotune with that lever."""
+    if hp.max_autotune:
+        return "max-autotune" if graphs else "max-autotune-no-cudagraphs"
+    return "reduce-overhead" if graphs else "default"
 
 
 def sync(device):
@@ -783,7 +791,7 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
               if cfg.align_depth else "off",
               "latent": dataset.latent_shape, "text_tokens": cfg.text_len, "batch": hp.batch_size,
               "world_size": world_size, "optimizer": hp.optimizer, "compile": bool(hp.compile and use_cuda),
-              "float8": hp.float8,
+              "float8": hp.float8, "max_autotune": hp.max_autotune,
               "params": n_params, "gflop_per_image": flops / 1e9, "ms_per_step": 1e3 * step_alone,
               "img_per_s": hp.batch_size / step_alone, "loader_share": step_fed / step_alone - 1,
               "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "torch": torch.__version__}
@@ -802,7 +810,7 @@ def benchmark_sampling(hp, cfg, raw_model, dataset, device):
     work), once with guidance on every step and once on the config's cfg_interval. FLOPs per image are the
     counted forward FLOPs times the evaluations: 2 per guided step (both branches), 1 per unguided one."""
     net = raw_model.eval()
-    forward = torch.compile(net, mode="reduce-overhead") if hp.compile and device.type == "cuda" else net
+    forward = torch.compile(net, mode=compile_mode(hp, graphs=True)) if hp.compile and device.type == "cuda" else net
     g = torch.Generator().manual_seed(0)
     text = dataset.manifest["text"]
     noise, tokens, pooled = (torch.randn((hp.batch_size, *s), generator=g).to(device)
@@ -832,6 +840,7 @@ def benchmark_sampling(hp, cfg, raw_model, dataset, device):
         rows.append(row)
     return {"bench": "sample", "model": f"{cfg.hidden}x{cfg.depth}/{cfg.patch_size}", "track": hp.track,
             "batch": hp.batch_size, "compile": bool(hp.compile and use_cuda), "float8": hp.float8,
+            "max_autotune": hp.max_autotune,
             "params": model.param_count(net),
             "gflop_per_forward": model.flops_per_image(cfg, training=False) / 1e9, "rows": rows,
             "matmul_peak_tflops": peak / 1e12 if peak else None,
@@ -856,7 +865,8 @@ def format_bench(r):
     if r["bench"] == "sample":
         lines = []
         for row in r["rows"]:
-            line = (f"bench sample | {r['model']} {r['track']} | batch {r['batch']} | compile {r['compile']} | "
+            line = (f"bench sample | {r['model']} {r['track']} | batch {r['batch']} | compile {r['compile']}"
+                    f"{' max-autotune' if r['max_autotune'] else ''} | "
                     f"float8 {r['float8']} | 100 NFE, "
                     f"cfg interval {row['cfg_interval']}: {row['forward_passes_per_image']} forward passes per image | "
                     f"{row['seconds']:.2f} s | {row['img_per_s']:.2f} img/s | {row['forward_img_per_s']:.0f} forward img/s")
@@ -867,7 +877,7 @@ def format_bench(r):
         return "\n".join(lines)
     line = (f"bench train | {r['model']} {r['track']} {'x'.join(map(str, r['latent']))} + {r['text_tokens']} text tokens | "
             f"batch {r['batch']} on {r['world_size']} rank(s) | {r['optimizer']} | align {r['align']} | "
-            f"compile {r['compile']} | float8 {r['float8']} | "
+            f"compile {r['compile']}{' max-autotune' if r['max_autotune'] else ''} | float8 {r['float8']} | "
             f"params {r['params'] / 1e6:.1f}M | {r['gflop_per_image']:.1f} GFLOP/img | {r['ms_per_step']:.1f} ms/step | "
             f"{r['img_per_s']:.0f} img/s | loader share {100 * r['loader_share']:+.1f}%")
     if "mfu" in r:

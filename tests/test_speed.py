@@ -158,6 +158,15 @@ def test_bench_with_a_speed_lever_on_times_every_lever_off_first_and_prints_the_
     assert lines[2] == f"bench ratio | float8=tensorwise against every lever off | {ratio['ratios'][0]:.2f}x img/s"
 
 
+@pytest.mark.parametrize("max_autotune, graphs, mode", [(False, True, "reduce-overhead"), (False, False, "default"),
+                                                          (True, True, "max-autotune"),
+                                                          (True, False, "max-autotune-no-cudagraphs")])
+def test_compile_mode_keeps_cuda_graphs_where_allowed_and_adds_max_autotune_with_its_lever(max_autotune, graphs, mode):
+    hp = train_dit.CONFIGS["shapes"]
+    assert train_dit.compile_mode(train_dit.dataclasses.replace(hp, max_autotune=max_autotune), graphs) == mode
+    assert train_dit.SPEED_LEVERS_OFF["max_autotune"] is False  # --bench's yardstick turns it off
+
+
 # -----------------------------------------------------------------------------
 # FP8 matmuls (torchao's float8 training)
 
