@@ -769,12 +769,13 @@ def score_images(images, backend="shapes", th=Thresholds(), options=None, second
     each stage: load (the models), read (the images' iterator), detect, colour, and judge (the rules)."""
     options = options or Options()
     seconds = {} if seconds is None else seconds
-    clock = [time.perf_counter()]
+    last_lap = time.perf_counter()
 
     def lap(stage):  # the time since the last lap, added to `stage`
+        nonlocal last_lap
         now = time.perf_counter()
-        seconds[stage] = seconds.get(stage, 0.0) + now - clock[0]
-        clock[0] = now
+        seconds[stage] = seconds.get(stage, 0.0) + now - last_lap
+        last_lap = now
     detect, classify_colors = BACKENDS[backend](options)
     lap("load")
     images, rows = iter(images), []
