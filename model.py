@@ -225,17 +225,24 @@ class DiT(nn.Module):
         B, C, p, g = x.shape[0], self.cfg.in_channels, self.cfg.patch_size, self.cfg.input_size // self.cfg.patch_size
         return x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
 
-    def forward(self, x, t, text_tokens, text_pooled, drop=None, align=False):
-        """Velocity prediction for latents x (B, C, H, W) at times t (B,) given caption features; with align, also
-        the projected image tokens after block `align_depth`, (B, image tokens, align_width)."""
+    def encode_text(self, text_tokens, text_pooled, drop=None):
+        """The caption path: the caption tokens through the caption blocks, and the pooled embedding, at model width.
+        It depends on the caption alone, so a sampler computes it once for all its steps (forward's `text`)."""
+        text, pooled = self.text_embed(text_tokens[:, :self.cfg.text_len], text_pooled, drop)
+        for block in self.text_blocks:
+            text = block(text)
+        return text, pooled
+
+    def forward(self, x, t, text_tokens, text_pooled, drop=None, align=False, text=None):
+        """Velocity prediction for latents x (B, C, H, W) at times t (B,) given caption features (or `text`, their
+        encode_text, computed once); with align, also the projected image tokens after block `align_depth`,
+        (B, image tokens, align_width)."""
         # The residual stream stays in the layers' dtype (bf16 under autocast): the fp32 position tables would
         # promote it, and an fp32 stream doubles the bytes of every elementwise pass (H100, shapes-gpu step:
         # 17.9 -> 17.1 ms; 16.3-16.5 ms with the QK-norm layout above; records/shapes-baseline-tuning.md, section 15).
         image = self.patch_embed(self.patchify(x))
         image = image + self.pos_embed.to(image.dtype)
-        text, pooled = self.text_embed(text_tokens[:, :self.cfg.text_len], text_pooled, drop)
-        for block in self.text_blocks:
-            text = block(text)
+        text, pooled = self.encode_text(text_tokens, text_pooled, drop) if text is None else text
         c = self.t_embed(t) + pooled
         h = torch.cat([image, text], dim=1)
         for depth, block in enumerate(self.blocks, start=1):

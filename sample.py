@@ -48,7 +48,8 @@ def sample_latents(net, noise, text_tokens, text_pooled, cfg_scale, nfe=NFE, tim
     time_shift > 1 spends more of the steps at high noise, where the layout forms (SD3's shift:
     t -> s t / (1 + (s - 1) t)); 1 is the uniform grid. Guidance applies at the steps whose t lies
     in cfg_interval (Kynkaanniemi et al. 2024); the others evaluate the conditional branch alone,
-    which saves the unconditional half of their FLOPs (still 1 NFE each).
+    which saves the unconditional half of their FLOPs (still 1 NFE each). The caption path (net.encode_text)
+    depends on the caption alone: it runs once per batch, not once per step.
     """
     x = noise
     times = time_grid(nfe, time_shift)
@@ -57,12 +58,14 @@ def sample_latents(net, noise, text_tokens, text_pooled, cfg_scale, nfe=NFE, tim
     b = len(x)
     tokens2, pooled2 = torch.cat([text_tokens, text_tokens]), torch.cat([text_pooled, text_pooled])
     drop = torch.arange(2 * b, device=noise.device) >= b  # second half: the null caption
+    both = net.encode_text(tokens2, pooled2, drop) if any(guided) else None
+    cond = net.encode_text(text_tokens, text_pooled, None) if not all(guided) else None
     for i in range(nfe):
         if guided[i]:
-            v_cond, v_uncond = net(torch.cat([x, x]), times[i].expand(2 * b), tokens2, pooled2, drop).float().chunk(2)
+            v_cond, v_uncond = net(torch.cat([x, x]), times[i].expand(2 * b), None, None, text=both).float().chunk(2)
             velocity = v_uncond + cfg_scale * (v_cond - v_uncond)
         else:
-            velocity = net(x, times[i].expand(b), text_tokens, text_pooled, None).float()
+            velocity = net(x, times[i].expand(b), None, None, text=cond).float()
         x = x + (times[i + 1] - times[i]) * velocity
     return x
 

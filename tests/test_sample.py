@@ -85,14 +85,19 @@ def test_sampler_is_deterministic(samples, checkpoint, prompts_file, tmp_path):
 
 
 class CountingForward:
-    """Wraps the real model's forward, recording each evaluation's batch, times and caption drops."""
+    """Wraps the real model's forward, recording each evaluation's batch, times and caption rows, and each caption
+    encoding's drops."""
 
     def __init__(self, forward):
-        self.forward, self.calls = forward, []
+        self.forward, self.calls, self.drops = forward, [], []
 
-    def __call__(self, x, t, tokens, pooled, drop):
-        self.calls.append((len(x), t.clone(), drop.clone()))
-        return self.forward(x, t, tokens, pooled, drop)
+    def encode_text(self, tokens, pooled, drop):
+        self.drops.append(drop.tolist())
+        return self.forward.encode_text(tokens, pooled, drop)
+
+    def __call__(self, x, t, tokens, pooled, drop=None, text=None):
+        self.calls.append((len(x), t.clone(), len(text[0])))
+        return self.forward(x, t, tokens, pooled, drop, text=text)
 
 
 SETTINGS = {"cfg_scale": 6.0, "cfg_interval": (0.3, 1.0), "time_shift": 1.0, "sample_weights": "ema"}
@@ -116,8 +121,9 @@ def test_sampler_takes_exactly_nfe_evaluations_per_image(shapes_data, checkpoint
     # Conditional and unconditional branches share one evaluation: 2 rows per image.
     assert sizes == [4] * sample.NFE + [2] * sample.NFE
     assert sum(sizes) == 2 * sample.NFE * len(images)
-    for size, t, drop in counter.calls:
-        assert drop.tolist() == [False] * (size // 2) + [True] * (size // 2)
+    assert all(size == captions for size, _, captions in counter.calls)
+    # The captions are encoded once per batch, the second half of each with the null caption.
+    assert counter.drops == [[False] * 2 + [True] * 2, [False, True]]
     times = [float(t[0]) for _, t, _ in counter.calls[:sample.NFE]]
     np.testing.assert_allclose(times, np.linspace(1, 0, sample.NFE + 1)[:-1], atol=1e-6)
 

@@ -237,6 +237,33 @@ def test_time_grid_runs_from_one_to_zero_and_the_shift_moves_steps_to_high_noise
     assert sum(sample.guided_steps(plain, (0.1, 0.75))) == 66
 
 
+def test_the_caption_path_runs_once_per_batch_and_gives_the_same_velocity():
+    torch.manual_seed(0)
+    cfg = dit.DiTConfig(input_size=8, patch_size=4, text_len=4, text_dim=8, pooled_dim=8, text_blocks=2, **TINY)
+    net = dit.DiT(cfg).eval()
+    for p in net.parameters():  # DiT's zero init makes every output 0: give the blocks something to say
+        p.data += 0.05 * torch.randn_like(p)
+    x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
+    tokens, pooled, drop = torch.randn(4, 4, 8), torch.randn(4, 8), torch.tensor([False, True, False, True])
+    with torch.no_grad():
+        whole = net(x, t, tokens, pooled, drop)
+        assert torch.equal(net(x, t, None, None, text=net.encode_text(tokens, pooled, drop)), whole)
+        assert not torch.allclose(net(x, t, tokens, pooled, None), whole, atol=1e-3)  # the drop mask is in the text
+    encodes = []
+
+    class Counting:  # the net, counting caption encodings
+        def encode_text(self, *args):
+            encodes.append(len(args[0]))
+            return net.encode_text(*args)
+
+        def __call__(self, *args, **kwargs):
+            return net(*args, **kwargs)
+    noise = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        sample.sample_latents(Counting(), noise, tokens[:2], pooled[:2], 4.0, nfe=10, cfg_interval=(0.0, 0.55))
+    assert encodes == [4, 2]  # once for the guided batch (captions and null captions), once for the conditional one
+
+
 def test_unguided_steps_evaluate_the_conditional_branch_alone():
     torch.manual_seed(0)
     cfg = dit.DiTConfig(input_size=8, patch_size=4, text_len=4, text_dim=8, pooled_dim=8, **TINY)
@@ -244,7 +271,14 @@ def test_unguided_steps_evaluate_the_conditional_branch_alone():
     for p in net.parameters():  # DiT's zero init makes every output 0: give the blocks something to say
         p.data += 0.05 * torch.randn_like(p)
     calls = []
-    counting = lambda x, *a: calls.append(len(x)) or net(x, *a)
+
+    class Counting:  # the net, counting the images of each forward
+        encode_text = net.encode_text
+
+        def __call__(self, x, *args, **kwargs):
+            calls.append(len(x))
+            return net(x, *args, **kwargs)
+    counting = Counting()
     noise, tokens, pooled = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8), torch.randn(2, 8)
     never = sample.sample_latents(counting, noise, tokens, pooled, 4.0, nfe=10, cfg_interval=(2.0, 3.0))
     assert calls == [2] * 10  # one batch of B images per step: no unconditional branch
