@@ -110,7 +110,7 @@ class Hyperparameters:
     # systems
     seed: int = 0  # model init, noise, times and caption drops (the data order is the dataset's, fixed)
     compile: bool = True  # torch.compile the model (GPU only)
-    float8: str = "off"  # FP8 matmuls in the blocks' token linears (torchao float8 training): off, tensorwise, rowwise
+    float8: str = "off"  # FP8 matmuls in the blocks' token linears (torchao float8 training): one of model.FLOAT8_RECIPES
     max_autotune: bool = False  # compile's max-autotune: Triton matmuls with elementwise epilogues fused (slow compile)
     compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
     resume: str = ""  # checkpoint to continue from

@@ -203,6 +203,31 @@ def test_float8_swaps_only_the_blocks_token_linears_and_keeps_the_weights():
     assert not torch.equal(fp8, bf)  # it did run in FP8
 
 
+def test_float8_in_the_forward_only_runs_the_forward_in_fp8_and_the_backward_as_a_plain_linear():
+    # grad_weight = g^T x and grad_input = g W do not depend on the forward's output: with the backward in full
+    # precision they match a plain linear's, which the all-FP8 recipe's do not.
+    linears = {}
+    for recipe in ("off", "tensorwise", "tensorwise-forward"):
+        net = tiny_dit()
+        dit.use_float8(net, recipe)
+        linears[recipe] = net.blocks[0].mlp.fc2
+    torch.manual_seed(2)
+    x, g = torch.randn(64, linears["off"].in_features), torch.randn(64, linears["off"].out_features)
+    out, grads = {}, {}
+    for recipe, linear in linears.items():
+        xr = x.clone().requires_grad_()
+        out[recipe] = linear(xr)
+        (out[recipe] * g).sum().backward()
+        grads[recipe] = (linear.weight.grad, xr.grad)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert not torch.equal(out["tensorwise-forward"], out["off"])  # the forward ran in FP8
+    assert torch.equal(out["tensorwise-forward"], out["tensorwise"])  # as the all-FP8 recipe's forward does
+    assert rel(out["tensorwise-forward"], out["off"]) < 0.1
+    for full, fp8_forward, fp8_all in zip(grads["off"], grads["tensorwise-forward"], grads["tensorwise"]):
+        assert rel(fp8_forward, full) < 1e-6
+        assert rel(fp8_all, full) > 1e-3
+
+
 def test_a_float8_run_follows_the_plain_run_and_its_checkpoint_samples_in_a_plain_model(shapes_data, trained_run,
                                                                                           tmp_path):
     run = train(shapes_data, tmp_path / "f8", 0, "--float8", "tensorwise", "--ckpt-every-seconds", "0.0001")
