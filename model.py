@@ -256,14 +256,14 @@ class DiT(nn.Module):
         return (out, aligned) if align else out
 
 
-# torchao's float8 training recipes by name; "tensorwise-forward": tensorwise FP8 in the forward matmul only, the two
+# torchao's float8 training recipes by name; "tensorwise_forward": tensorwise FP8 in the forward matmul only, the two
 # backward matmuls in bf16 (no casts of gradients or transposes, a third of the FP8 speed-up); and off.
-FLOAT8_RECIPES = ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp", "tensorwise-forward")
+FLOAT8_RECIPES = ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp", "tensorwise_forward")
 
 
 def float8_config(recipe):
     from torchao.float8 import CastConfig, Float8LinearConfig, ScalingType
-    if recipe == "tensorwise-forward":
+    if recipe == "tensorwise_forward":
         full_precision = CastConfig(scaling_type=ScalingType.DISABLED)
         return Float8LinearConfig(cast_config_grad_output=full_precision,
                                   cast_config_weight_for_grad_input=full_precision,

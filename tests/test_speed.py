@@ -207,7 +207,7 @@ def test_float8_in_the_forward_only_runs_the_forward_in_fp8_and_the_backward_as_
     # grad_weight = g^T x and grad_input = g W do not depend on the forward's output: with the backward in full
     # precision they match a plain linear's, which the all-FP8 recipe's do not.
     linears = {}
-    for recipe in ("off", "tensorwise", "tensorwise-forward"):
+    for recipe in ("off", "tensorwise", "tensorwise_forward"):
         net = tiny_dit()
         dit.use_float8(net, recipe)
         linears[recipe] = net.blocks[0].mlp.fc2
@@ -220,10 +220,10 @@ def test_float8_in_the_forward_only_runs_the_forward_in_fp8_and_the_backward_as_
         (out[recipe] * g).sum().backward()
         grads[recipe] = (linear.weight.grad, xr.grad)
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-    assert not torch.equal(out["tensorwise-forward"], out["off"])  # the forward ran in FP8
-    assert torch.equal(out["tensorwise-forward"], out["tensorwise"])  # as the all-FP8 recipe's forward does
-    assert rel(out["tensorwise-forward"], out["off"]) < 0.1
-    for full, fp8_forward, fp8_all in zip(grads["off"], grads["tensorwise-forward"], grads["tensorwise"]):
+    assert not torch.equal(out["tensorwise_forward"], out["off"])  # the forward ran in FP8
+    assert torch.equal(out["tensorwise_forward"], out["tensorwise"])  # as the all-FP8 recipe's forward does
+    assert rel(out["tensorwise_forward"], out["off"]) < 0.1
+    for full, fp8_forward, fp8_all in zip(grads["off"], grads["tensorwise_forward"], grads["tensorwise"]):
         assert rel(fp8_forward, full) < 1e-6
         assert rel(fp8_all, full) > 1e-3
 
