@@ -840,8 +840,7 @@ def benchmark_sampling(hp, cfg, raw_model, dataset, device):
         rows.append(row)
     return {"bench": "sample", "model": f"{cfg.hidden}x{cfg.depth}/{cfg.patch_size}", "track": hp.track,
             "batch": hp.batch_size, "compile": bool(hp.compile and use_cuda), "float8": hp.float8,
-            "max_autotune": hp.max_autotune,
-            "params": model.param_count(net),
+            "max_autotune": hp.max_autotune, "params": model.param_count(net),
             "gflop_per_forward": model.flops_per_image(cfg, training=False) / 1e9, "rows": rows,
             "matmul_peak_tflops": peak / 1e12 if peak else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if use_cuda else None,
@@ -861,13 +860,16 @@ def profile_kernels(run_step, device, steps=5, top=15):
     return [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.self_device_time_total / total) for e in kernels[:top]]
 
 
+def levers_text(r):
+    """'compile True max-autotune | float8 tensorwise' of a bench report: the speed settings it ran with."""
+    return f"compile {r['compile']}{' max-autotune' if r['max_autotune'] else ''} | float8 {r['float8']}"
+
+
 def format_bench(r):
     if r["bench"] == "sample":
         lines = []
         for row in r["rows"]:
-            line = (f"bench sample | {r['model']} {r['track']} | batch {r['batch']} | compile {r['compile']}"
-                    f"{' max-autotune' if r['max_autotune'] else ''} | "
-                    f"float8 {r['float8']} | 100 NFE, "
+            line = (f"bench sample | {r['model']} {r['track']} | batch {r['batch']} | {levers_text(r)} | 100 NFE, "
                     f"cfg interval {row['cfg_interval']}: {row['forward_passes_per_image']} forward passes per image | "
                     f"{row['seconds']:.2f} s | {row['img_per_s']:.2f} img/s | {row['forward_img_per_s']:.0f} forward img/s")
             if "mfu" in row:
@@ -877,7 +879,7 @@ def format_bench(r):
         return "\n".join(lines)
     line = (f"bench train | {r['model']} {r['track']} {'x'.join(map(str, r['latent']))} + {r['text_tokens']} text tokens | "
             f"batch {r['batch']} on {r['world_size']} rank(s) | {r['optimizer']} | align {r['align']} | "
-            f"compile {r['compile']}{' max-autotune' if r['max_autotune'] else ''} | float8 {r['float8']} | "
+            f"{levers_text(r)} | "
             f"params {r['params'] / 1e6:.1f}M | {r['gflop_per_image']:.1f} GFLOP/img | {r['ms_per_step']:.1f} ms/step | "
             f"{r['img_per_s']:.0f} img/s | loader share {100 * r['loader_share']:+.1f}%")
     if "mfu" in r:
