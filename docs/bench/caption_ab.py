@@ -1,5 +1,6 @@
 """The caption path once per batch, measured: one forward that recomputes the caption path against one that is
-given it (DiT.encode_text), alternated in one process. python docs/bench/caption_ab.py {shapes,b2} BATCH REPEATS"""
+given it (DiT.encode_text), alternated in one process, on the GPU when there is one (bf16 autocast, eager).
+python docs/bench/caption_ab.py {shapes,b2} BATCH REPEATS"""
 import statistics
 import sys
 import time
@@ -19,26 +20,31 @@ MODELS = {  # the model shapes of the `shapes` and `imagenet` configs (text widt
 
 name, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cfg = MODELS[name]
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.manual_seed(0)
-net = model.DiT(cfg).eval()
-x, t = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size), torch.rand(batch)
-tokens, pooled = torch.randn(batch, cfg.text_len, cfg.text_dim), torch.randn(batch, cfg.pooled_dim)
-drop = torch.zeros(batch, dtype=torch.bool)
-with torch.no_grad():
+net = model.DiT(cfg).to(device).eval()
+x, t = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=device), torch.rand(batch, device=device)
+tokens = torch.randn(batch, cfg.text_len, cfg.text_dim, device=device)
+pooled = torch.randn(batch, cfg.pooled_dim, device=device)
+drop = torch.zeros(batch, dtype=torch.bool, device=device)
+sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
     text = net.encode_text(tokens, pooled, drop)
     forwards = {"recomputed": lambda: net(x, t, tokens, pooled, drop),
                 "passed in": lambda: net(x, t, tokens, pooled, drop, text=text)}
-    assert torch.equal(forwards["recomputed"](), forwards["passed in"]())  # also the warm-up
+    torch.testing.assert_close(forwards["recomputed"](), forwards["passed in"]())  # also the warm-up
     seconds = {k: [] for k in forwards}
     for i in range(repeats):
         for k in (list(forwards) if i % 2 == 0 else list(forwards)[::-1]):
+            sync()
             start = time.perf_counter()
             forwards[k]()
+            sync()
             seconds[k].append(time.perf_counter() - start)
 ms = {k: 1e3 * statistics.median(v) for k, v in seconds.items()}
 predicted = 1 - (model.flops_per_image(cfg, training=False) - model.flops_per_image(
     model.DiTConfig(**{**cfg.__dict__, "text_blocks": 0}), training=False)) / model.flops_per_image(cfg, training=False)
-print(f"{name} | batch {batch} | {model.param_count(net) / 1e6:.1f}M | "
+print(f"{name} | {device.type} | batch {batch} | {model.param_count(net) / 1e6:.1f}M | "
       f"{model.flops_per_image(cfg, training=False) / 1e9:.3f} GFLOP/img | recomputed {ms['recomputed']:.1f} ms | "
       f"passed in {ms['passed in']:.1f} ms | ratio {ms['passed in'] / ms['recomputed']:.3f} | "
       f"predicted {predicted:.3f} | median of {repeats}")
