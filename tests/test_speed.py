@@ -262,54 +262,56 @@ def test_time_grid_runs_from_one_to_zero_and_the_shift_moves_steps_to_high_noise
     assert sum(sample.guided_steps(plain, (0.1, 0.75))) == 66
 
 
-def test_the_caption_path_runs_once_per_batch_and_gives_the_same_velocity():
+def sampler_dit(text_blocks=0):
+    """A tiny DiT for the sampler's tests, its weights moved off DiT's zero init (which makes every output 0)."""
     torch.manual_seed(0)
-    cfg = dit.DiTConfig(input_size=8, patch_size=4, text_len=4, text_dim=8, pooled_dim=8, text_blocks=2, **TINY)
+    cfg = dit.DiTConfig(input_size=8, patch_size=4, text_len=4, text_dim=8, pooled_dim=8, text_blocks=text_blocks,
+                        **TINY)
     net = dit.DiT(cfg).eval()
-    for p in net.parameters():  # DiT's zero init makes every output 0: give the blocks something to say
+    for p in net.parameters():
         p.data += 0.05 * torch.randn_like(p)
+    return net
+
+
+class CountingNet:
+    """The net, recording the images of each forward and the captions of each caption encoding."""
+
+    def __init__(self, net):
+        self.net, self.forwards, self.encodes = net, [], []
+
+    def encode_text(self, tokens, *args):
+        self.encodes.append(len(tokens))
+        return self.net.encode_text(tokens, *args)
+
+    def __call__(self, x, *args, **kwargs):
+        self.forwards.append(len(x))
+        return self.net(x, *args, **kwargs)
+
+
+def test_the_caption_path_runs_once_per_batch_and_gives_the_same_velocity():
+    net = sampler_dit(text_blocks=2)
     x, t = torch.randn(4, 3, 8, 8), torch.rand(4)
     tokens, pooled, drop = torch.randn(4, 4, 8), torch.randn(4, 8), torch.tensor([False, True, False, True])
     with torch.no_grad():
         whole = net(x, t, tokens, pooled, drop)
         assert torch.equal(net(x, t, None, None, text=net.encode_text(tokens, pooled, drop)), whole)
         assert not torch.allclose(net(x, t, tokens, pooled, None), whole, atol=1e-3)  # the drop mask is in the text
-    encodes = []
-
-    class Counting:  # the net, counting caption encodings
-        def encode_text(self, *args):
-            encodes.append(len(args[0]))
-            return net.encode_text(*args)
-
-        def __call__(self, *args, **kwargs):
-            return net(*args, **kwargs)
-    noise = torch.randn(2, 3, 8, 8)
+    counting = CountingNet(net)
     with torch.no_grad():
-        sample.sample_latents(Counting(), noise, tokens[:2], pooled[:2], 4.0, nfe=10, cfg_interval=(0.0, 0.55))
-    assert encodes == [4, 2]  # once for the guided batch (captions and null captions), once for the conditional one
+        sample.sample_latents(counting, torch.randn(2, 3, 8, 8), tokens[:2], pooled[:2], 4.0, nfe=10,
+                              cfg_interval=(0.0, 0.55))
+    assert counting.encodes == [4, 2]  # once for the guided batch (captions and null captions), once for the conditional one
 
 
 def test_unguided_steps_evaluate_the_conditional_branch_alone():
-    torch.manual_seed(0)
-    cfg = dit.DiTConfig(input_size=8, patch_size=4, text_len=4, text_dim=8, pooled_dim=8, **TINY)
-    net = dit.DiT(cfg).eval()
-    for p in net.parameters():  # DiT's zero init makes every output 0: give the blocks something to say
-        p.data += 0.05 * torch.randn_like(p)
-    calls = []
-
-    class Counting:  # the net, counting the images of each forward
-        encode_text = net.encode_text
-
-        def __call__(self, x, *args, **kwargs):
-            calls.append(len(x))
-            return net(x, *args, **kwargs)
-    counting = Counting()
+    net = sampler_dit()
+    counting = CountingNet(net)
     noise, tokens, pooled = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8), torch.randn(2, 8)
     never = sample.sample_latents(counting, noise, tokens, pooled, 4.0, nfe=10, cfg_interval=(2.0, 3.0))
-    assert calls == [2] * 10  # one batch of B images per step: no unconditional branch
+    assert counting.forwards == [2] * 10  # one batch of B images per step: no unconditional branch
     scale_one = sample.sample_latents(net, noise, tokens, pooled, 1.0, nfe=10)
     assert torch.allclose(never, scale_one, atol=1e-5)  # cond alone == guidance at scale 1
-    calls.clear()
+    counting.forwards.clear()
     part = sample.sample_latents(counting, noise, tokens, pooled, 4.0, nfe=10, cfg_interval=(0.0, 0.55))
-    assert calls == [2] * 5 + [4] * 5  # t = 1.0 ... 0.6 unguided, t = 0.5 ... 0.1 guided (2B)
+    assert counting.forwards == [2] * 5 + [4] * 5  # t = 1.0 ... 0.6 unguided, t = 0.5 ... 0.1 guided (2B)
     assert not torch.allclose(part, never, atol=1e-3)
