@@ -91,6 +91,8 @@ class Hyperparameters:
     time_sampling: str = "logit_normal"  # training times: logit_normal (SD3) or uniform
     time_mean: float = 1.0  # logit-normal location; > 0 trains more at high noise, where layout forms (section 10)
     time_std: float = 1.0  # logit-normal scale
+    time_mean_cooldown: float = 0.0  # added to time_mean over the lr cooldown, from 0 to this at the end (< 0: more
+    # low noise late, where exact edges are learnt, after the layout; section 22)
     text_dropout: float = 0.1  # fraction of captions replaced by the null caption (for guidance)
     # representation alignment (REPA): the external-module track, on data with encoder features (data.py --encoder)
     align_weight: float = 0.0  # weight of REPA's loss, -cos(projected token, encoder feature); 0: off (basic tracks)
@@ -189,7 +191,7 @@ RANGES = [
      lambda v: v >= 0),
     (("beta1", "beta2", "muon_momentum"), "in [0, 1)", lambda v: 0 <= v < 1),
     (("ema_decay", "text_dropout", "lr_cooldown"), "in [0, 1]", lambda v: 0 <= v <= 1),
-    (("time_mean", "cfg_scale"), "finite", math.isfinite),
+    (("time_mean", "time_mean_cooldown", "cfg_scale"), "finite", math.isfinite),
     (("cfg_interval",), "two times 0 <= lo <= hi <= 1", lambda v: 0 <= v[0] <= v[1] <= 1),
     (("seed",), "in [0, 2**31)", lambda v: 0 <= v < 2 ** 31),
 ]
@@ -251,6 +253,9 @@ def parse_args(argv=None):
                 p.error(f"argument --{name.replace('_', '-')}: must be {rule}, got {getattr(hp, name)!r}")
     if hp.hidden % hp.heads:
         p.error(f"argument --heads: {hp.heads} does not divide --hidden {hp.hidden}")
+    if hp.time_mean_cooldown and not (hp.lr_cooldown and hp.time_sampling == "logit_normal"):
+        p.error("argument --time-mean-cooldown: moves the logit-normal location over the cooldown: needs "
+                "--time-sampling logit_normal and --lr-cooldown > 0")
     if hp.align_weight and hp.align_depth > hp.depth:
         p.error(f"argument --align-depth: {hp.align_depth} is past the model's --depth {hp.depth} blocks")
     return hp, argparse.Namespace(name=config, overrides=overrides, bench=args.bench, bench_steps=args.bench_steps,
@@ -265,13 +270,22 @@ def next_clock_read(step, log_every, seconds_left, seconds_per_step):
                step + max(1, math.ceil(min(seconds_left / seconds_per_step, log_every))))
 
 
+def cooldown_progress(hp, seconds):
+    """How far the cooldown has gone at this training-clock time: 0 before it (or without one), 1 at the budget's end."""
+    if hp.lr_cooldown == 0:
+        return 0.0
+    return min(1.0, max(0.0, 1 - (hp.budget_seconds - seconds) / (hp.lr_cooldown * hp.budget_seconds)))
+
+
 def lr_scale(hp, step, seconds):
     """Learning-rate multiplier: linear warm-up over steps; with lr_cooldown, a linear fall to 0 at the end
     of the budget, on the training clock (read once per log interval: the lr moves every log_every steps)."""
-    warmup = min(1.0, (step + 1) / max(hp.lr_warmup_steps, 1))
-    if hp.lr_cooldown == 0:
-        return warmup
-    return warmup * min(1.0, max(0.0, (hp.budget_seconds - seconds) / (hp.lr_cooldown * hp.budget_seconds)))
+    return min(1.0, (step + 1) / max(hp.lr_warmup_steps, 1)) * (1 - cooldown_progress(hp, seconds))
+
+
+def time_mean(hp, seconds):
+    """The logit-normal location of the training times: time_mean, moving by time_mean_cooldown over the cooldown."""
+    return hp.time_mean + hp.time_mean_cooldown * cooldown_progress(hp, seconds)
 
 
 def main(hp: Hyperparameters, run: argparse.Namespace):
@@ -639,14 +653,14 @@ def start_wandb(hp, log):
     return wandb.init(project="imagegen-speedrun", config=asdict(hp), dir=hp.out)
 
 
-def draw_noise(hp, step, latent_shape, generator, rank, world_size):
-    """The global batch's noise, times and caption drops, from (seed, step) alone: every rank draws all of them
-    and keeps its slice, so world size and resume do not change the run."""
+def draw_noise(hp, step, seconds, latent_shape, generator, rank, world_size):
+    """The global batch's noise, times and caption drops, from (seed, step) and the clock's cooldown alone: every
+    rank draws all of them and keeps its slice, so world size and resume do not change the run."""
     device = generator.device
     generator.manual_seed(hp.seed * 1_000_003 + step)
     noise = torch.randn((hp.batch_size, *latent_shape), generator=generator, device=device)
     if hp.time_sampling == "logit_normal":
-        t = torch.sigmoid(hp.time_mean + hp.time_std * torch.randn((hp.batch_size,), generator=generator, device=device))
+        t = torch.sigmoid(time_mean(hp, seconds) + hp.time_std * torch.randn((hp.batch_size,), generator=generator, device=device))
     else:
         t = torch.rand((hp.batch_size,), generator=generator, device=device)
     drop = torch.rand((hp.batch_size,), generator=generator, device=device) < hp.text_dropout
@@ -668,7 +682,7 @@ def train_step(step, batch, seconds, *, hp, model, optimizers, ema_params, model
     device (read once per log interval)."""
     latents, text_tokens, text_pooled, _, features = batch
     aligning = hp.align_weight > 0
-    noise, t, drop = draw_noise(hp, step, latent_shape, generator, rank, world_size)
+    noise, t, drop = draw_noise(hp, step, seconds, latent_shape, generator, rank, world_size)
     x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
     scale = lr_scale(hp, step, seconds)
     for group in (g for opt in optimizers for g in opt.param_groups):

@@ -73,6 +73,25 @@ def test_lr_warms_up_over_steps_then_cools_down_to_zero_at_the_end_of_the_budget
     assert lr_scale(hp, 4, 80.0) == 0.25  # warm-up and cooldown multiply
 
 
+def test_time_mean_moves_by_time_mean_cooldown_over_the_cooldown_and_the_drawn_times_follow():
+    from train_dit import Hyperparameters, draw_noise, time_mean
+    hp = Hyperparameters(budget_seconds=100.0, lr_cooldown=0.5, time_mean=1.0, time_mean_cooldown=-0.6, batch_size=4096)
+    assert [time_mean(hp, t) for t in (0.0, 50.0, 75.0, 100.0, 120.0)] == pytest.approx([1.0, 1.0, 0.7, 0.4, 0.4])
+    assert time_mean(dataclasses.replace(hp, time_mean_cooldown=0.0), 100.0) == 1.0  # off: the recipe as before
+    generator = torch.Generator()
+    # the same (seed, step) draws the same normals: the times' logits move by exactly the mean's change
+    early, late = (torch.logit(draw_noise(hp, 7, t, (3, 8, 8), generator, 0, 1)[1].double()) for t in (10.0, 100.0))
+    assert (early - late).mean().item() == pytest.approx(0.6, abs=1e-4) and (early - late).std().item() < 1e-4
+
+
+def test_time_mean_cooldown_without_a_cooldown_is_refused_naming_the_flag(capsys):
+    from train_dit import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--time-mean-cooldown", "-0.5", "--lr-cooldown", "0"])
+    assert "--time-mean-cooldown" in capsys.readouterr().err
+    assert parse_args(["--time-mean-cooldown", "-0.5"])[0].time_mean_cooldown == -0.5
+
+
 def test_cooldown_run_sets_each_steps_lr_from_the_clock_read_before_it(shapes_data, tmp_path):
     from model import load_checkpoint
     from train_dit import Hyperparameters, lr_scale
