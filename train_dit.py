@@ -73,7 +73,7 @@ class Hyperparameters:
     # optimisation
     batch_size: int = 512  # global batch, split evenly over ranks
     micro_batch_size: int = 0  # the largest per-rank chunk; a larger rank batch accumulates its chunks' gradients
-    # (0, or a rank batch no larger: the whole rank batch at once). Memory only: the chunks give the same gradient.
+        # (0, or a rank batch no larger: the whole rank batch at once). Memory only: the chunks give the same gradient.
     optimizer: str = "muon"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest (section 5)
     lr: float = 5e-4  # AdamW learning rate (Shapes: six blocks want half of twelve's rates, section 12)
     muon_lr: float = 0.01  # Muon learning rate
@@ -92,7 +92,7 @@ class Hyperparameters:
     time_mean: float = 1.0  # logit-normal location; > 0 trains more at high noise, where layout forms (section 10)
     time_std: float = 1.0  # logit-normal scale
     time_mean_cooldown: float = 0.0  # added to time_mean over the lr cooldown, from 0 to this at the end (< 0: more
-    # low noise late, where exact edges are learnt, after the layout; section 22)
+        # low noise late, where exact edges are learnt, after the layout; section 22)
     text_dropout: float = 0.1  # fraction of captions replaced by the null caption (for guidance)
     # representation alignment (REPA): the external-module track, on data with encoder features (data.py --encoder)
     align_weight: float = 0.0  # weight of REPA's loss, -cos(projected token, encoder feature); 0: off (basic tracks)
@@ -198,13 +198,17 @@ RANGES = [
 
 
 def field_docs():
-    """{field: (section, help)} read from the comments of Hyperparameters: the recipe documents itself."""
-    docs, section = {}, ""
+    """{field: (section, help)} read from the comments of Hyperparameters: the recipe documents itself. A comment
+    line at the fields' indent heads a section; one indented further continues the field above it."""
+    docs, section, name = {}, "", None
     for line in inspect.getsource(Hyperparameters).splitlines():
-        if heading := re.match(r"    # (.*)", line):
+        if more := re.match(r"        # (.*)", line):
+            docs[name] = (section, f"{docs[name][1]} {more[1]}")
+        elif heading := re.match(r"    # (.*)", line):
             section = heading[1]
         elif field := re.match(r"    (\w+): \w+ = .*?  # (.*)", line):
-            docs[field[1]] = (section, field[2])
+            name = field[1]
+            docs[name] = (section, field[2])
     return docs
 
 

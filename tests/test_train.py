@@ -168,3 +168,16 @@ def test_a_flag_overrides_one_field_of_the_config(shapes_data, tmp_path):
     assert ckpt["model_config"]["hidden"] == 128 and ckpt["hparams"]["lr"] == 1e-3  # the rest of shapes-cpu stays
     bad = run_cli("train_dit.py", "--config", "shapes-cpu", "--data", shapes_data, "--out", tmp_path / "bad", "--depth", -1)
     assert bad.returncode != 0 and "--depth: must be > 0, got -1" in bad.stderr
+
+
+def test_help_texts_come_whole_from_the_recipe_comments_under_their_section_headings():
+    from train_dit import Hyperparameters, field_docs
+    docs = field_docs()
+    assert docs.keys() == {f.name for f in dataclasses.fields(Hyperparameters)}
+    sections = [section for section, _ in docs.values()]
+    assert sections[0] == "data and output" and sections[-1] == "systems"
+    # a help that runs over two comment lines is one text, and its second line heads no section of its own
+    assert docs["micro_batch_size"] == ("optimisation", docs["micro_batch_size"][1])
+    assert docs["micro_batch_size"][1].endswith("Memory only: the chunks give the same gradient.")
+    assert docs["optimizer"][0] == "optimisation" and docs["time_mean_cooldown"][0].startswith("flow matching")
+    assert not any(section.startswith("(") for section in sections)
