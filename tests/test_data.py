@@ -70,6 +70,33 @@ def test_global_batches_cover_each_epoch_exactly_once():
     assert not np.array_equal(stream[:n], stream[n:2 * n])  # each epoch is reshuffled
 
 
+def test_each_epochs_order_and_views_are_drawn_once_kept_read_only_and_are_the_seeded_draws():
+    n, batch, views = 50, 7, 2
+    positions = range(0, 3 * n + 1, batch)
+    for cached in (False, True):  # drawn afresh for every batch (as before the caches), then from the caches
+        got = []
+        for pos in positions:
+            if not cached:
+                data.epoch_order.cache_clear()
+                data.epoch_views.cache_clear()
+            idx = data.global_batch_indices(n, 3, pos, batch)
+            got.append((idx, data.global_batch_views(n, views, 3, pos, idx)))
+        if not cached:
+            fresh = got
+    for (a, va), (b, vb) in zip(fresh, got):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(va, vb)
+    stream = np.concatenate([idx for idx, _ in got])
+    drawn = np.concatenate([np.random.default_rng([3, epoch]).permutation(n) for epoch in range(4)])
+    np.testing.assert_array_equal(stream, drawn[:len(stream)])  # the seeded order itself, unchanged
+    epoch_one = np.random.default_rng([3, 1, data.VIEW_STREAM]).integers(views, size=n)
+    flat = np.concatenate([v for _, v in got])
+    np.testing.assert_array_equal(flat[n:2 * n], epoch_one[stream[n:2 * n]])
+    assert data.epoch_order(n, 3, 0) is data.epoch_order(n, 3, 0)  # kept, not drawn again
+    with pytest.raises(ValueError):
+        data.epoch_order(n, 3, 0)[0] = 1  # a caller cannot change the order others read
+
+
 def take(loader, count):
     try:
         return [next(loader) for _ in range(count)]
