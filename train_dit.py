@@ -446,9 +446,13 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s {postfix}", disable=not (master and sys.stderr.isatty()))
     next_read = next_clock_read(step, hp.log_every, math.inf, 1.0)  # no pace yet: log_every steps
     sync(device)
-    segment_start = time.perf_counter()
+    segment_start, data_wait = time.perf_counter(), 0.0
     while train_seconds < hp.budget_seconds and not (hp.max_steps and step >= hp.max_steps):
-        loss, grad_norm, align_loss = step_fn(step, next(loader), train_seconds)
+        # The host's wait for the loader's next batch: a step faster than the loader shows here, not in the GPU.
+        fetch = time.perf_counter()
+        batch = next(loader)
+        data_wait += time.perf_counter() - fetch
+        loss, grad_norm, align_loss = step_fn(step, batch, train_seconds)
         losses.append(loss)
         grad_norms.append(grad_norm)
         align_losses.append(align_loss)
@@ -477,8 +481,8 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         rate = hp.batch_size / seconds_per_step
         align_mean = sum(align_values) / len(align_values)
         log(f"step {step} | train {clock:.3f} s | loss {sum(loss_values) / len(loss_values):.4f} | "
-            f"{rate:.0f} img/s | images {step * hp.batch_size}" + (f" | align {align_mean:.4f}" if aligning else ""),
-            echo=bar.disable)
+            f"{rate:.0f} img/s | images {step * hp.batch_size}" + (f" | align {align_mean:.4f}" if aligning else "")
+            + f" | data wait {100 * data_wait / max(clock - train_seconds, 1e-9):.0f}%", echo=bar.disable)
         bar.update(min(clock, hp.budget_seconds) - bar.n)
         bar.set_postfix_str(f"step {step}, loss {loss_values[-1]:.4f}, {rate:.0f} img/s")
         if wandb_run:
@@ -507,7 +511,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
             break
         next_read = next_clock_read(step, hp.log_every, hp.budget_seconds - train_seconds, seconds_per_step)
         sync(device)
-        segment_start = time.perf_counter()
+        segment_start, data_wait = time.perf_counter(), 0.0
 
     loader.close()
     bar.close()
