@@ -275,7 +275,7 @@ def next_clock_read(step, log_every, seconds_left, seconds_per_step):
 
 
 def cooldown_progress(hp, seconds):
-    """How far the cooldown has gone at this training-clock time: 0 before it (or without one), 1 at the budget's end."""
+    """How far the cooldown has gone at this training-clock time: 0 before it (or without one), 1 at the end."""
     if hp.lr_cooldown == 0:
         return 0.0
     return min(1.0, max(0.0, 1 - (hp.budget_seconds - seconds) / (hp.lr_cooldown * hp.budget_seconds)))
@@ -481,8 +481,9 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         rate = hp.batch_size / seconds_per_step
         align_mean = sum(align_values) / len(align_values)
         log(f"step {step} | train {clock:.3f} s | loss {sum(loss_values) / len(loss_values):.4f} | "
-            f"{rate:.0f} img/s | images {step * hp.batch_size}" + (f" | align {align_mean:.4f}" if aligning else "")
-            + f" | data wait {100 * data_wait / max(clock - train_seconds, 1e-9):.0f}%", echo=bar.disable)
+            f"{rate:.0f} img/s | images {step * hp.batch_size} | data wait "
+            f"{100 * data_wait / max(clock - train_seconds, 1e-9):.0f}%" + (f" | align {align_mean:.4f}" if aligning else ""),
+            echo=bar.disable)
         bar.update(min(clock, hp.budget_seconds) - bar.n)
         bar.set_postfix_str(f"step {step}, loss {loss_values[-1]:.4f}, {rate:.0f} img/s")
         if wandb_run:
@@ -662,13 +663,15 @@ def start_wandb(hp, log):
 
 
 def draw_noise(hp, step, seconds, latent_shape, generator, rank, world_size):
-    """The global batch's noise, times and caption drops, from (seed, step) and the clock's cooldown alone: every
-    rank draws all of them and keeps its slice, so world size and resume do not change the run."""
+    """The global batch's noise, times and caption drops, from (seed, step) alone (and the training clock, where
+    time_mean_cooldown moves the times): every rank draws all of them and keeps its slice, so world size and resume
+    do not change the run."""
     device = generator.device
     generator.manual_seed(hp.seed * 1_000_003 + step)
     noise = torch.randn((hp.batch_size, *latent_shape), generator=generator, device=device)
     if hp.time_sampling == "logit_normal":
-        t = torch.sigmoid(time_mean(hp, seconds) + hp.time_std * torch.randn((hp.batch_size,), generator=generator, device=device))
+        logits = torch.randn((hp.batch_size,), generator=generator, device=device)
+        t = torch.sigmoid(time_mean(hp, seconds) + hp.time_std * logits)
     else:
         t = torch.rand((hp.batch_size,), generator=generator, device=device)
     drop = torch.rand((hp.batch_size,), generator=generator, device=device) < hp.text_dropout

@@ -48,7 +48,7 @@ def test_log_holds_the_code_environment_and_data_order_hash(trained_run):
     assert hashes == [data.order_hash(N_TRAIN, 0)]
     # every clock line says how much of its interval the host waited for the loader
     clock_lines = re.findall(r"^step \d+ \| train .*", log, re.M)
-    waits = [int(w) for w in re.findall(r"^step \d+ \| train .* \| data wait (\d+)%$", log, re.M)]
+    waits = [int(w) for w in re.findall(r"^step \d+ \| train .* \| data wait (\d+)%", log, re.M)]
     assert clock_lines and len(waits) == len(clock_lines) and all(0 <= w <= 100 for w in waits)
     # record.py reads the sections back whole, though train_dit.py holds the header's format string too
     import record
