@@ -96,10 +96,23 @@ class TextEmbedder(nn.Module):
         return tokens + self.pos.to(tokens.dtype), self.pooled(text_pooled)
 
 
+def attention_by_matmuls(q, k, v):
+    """softmax(q k^T / sqrt(head_dim)) v as two batched matmuls and a softmax, which torch.compile fuses with their
+    neighbours: the fused kernels' fixed costs dominate at Shapes' 80 tokens (cuDNN's 2.25 ms a step for ~3% of its
+    FLOPs, records/shapes-baseline-tuning.md, section 15). The same function as scaled_dot_product_attention."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+# The attention kernels by name: PyTorch's scaled_dot_product_attention (cuDNN or flash on a GPU), or two matmuls.
+ATTENTION_KERNELS = ("sdpa", "matmul")
+
+
 class Attention(nn.Module):
     def __init__(self, hidden, heads, qk_norm=False):
         super().__init__()
         self.heads = heads
+        self.kernel = "sdpa"  # one of ATTENTION_KERNELS (use_attention); the function is the same
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
         # QK-norm bounds the attention logits, which otherwise grow and destabilise training at high lr.
@@ -112,7 +125,7 @@ class Attention(nn.Module):
         # (B, heads, N, head_dim): normalising after the permute cost copies (H100, shapes-gpu step: 17.9 -> 17.1 ms).
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)
         q, k, v = [z.transpose(1, 2) for z in (self.q_norm(q), self.k_norm(k), v)]
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = F.scaled_dot_product_attention(q, k, v) if self.kernel == "sdpa" else attention_by_matmuls(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -287,6 +300,14 @@ def use_float8(net, recipe):
     token_wise = {name for name, m in net.named_modules() if isinstance(m, (Attention, MLP))}
     return convert_to_float8_training(net, config=float8_config(recipe),
                                       module_filter_fn=lambda m, name: name.rpartition(".")[0] in token_wise)
+
+
+def use_attention(net, kernel):
+    """Every attention layer of `net` computes with `kernel` (one of ATTENTION_KERNELS); weights are untouched."""
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.kernel = kernel
+    return net
 
 
 def param_count(model):

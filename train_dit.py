@@ -114,6 +114,7 @@ class Hyperparameters:
     compile: bool = True  # torch.compile the model (GPU only)
     float8: str = "off"  # FP8 matmuls in the blocks' token linears (torchao float8 training): one of model.FLOAT8_RECIPES
     max_autotune: bool = False  # compile's max-autotune: Triton matmuls with elementwise epilogues fused (slow compile)
+    attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused: cuDNN, flash) or matmul (two matmuls, compiled)
     compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
     resume: str = ""  # checkpoint to continue from
     verify_full: bool = False  # hash every byte of the data at start (false: sizes and sampled sha256 windows)
@@ -180,9 +181,9 @@ CONFIGS["imagenet-external"] = dataclasses.replace(
 # Allowed values, checked when the flags are read: a bad value fails at once, naming its flag.
 CHOICES = {"track": sorted(data.TRACK_SHAPES), "prediction": ["image", "velocity"], "optimizer": ["adamw", "muon"],
            "time_sampling": ["logit_normal", "uniform"], "sample_weights": ["ema", "model"],
-           "float8": list(model.FLOAT8_RECIPES)}
+           "float8": list(model.FLOAT8_RECIPES), "attention": list(model.ATTENTION_KERNELS)}
 # The speed levers and their values when off: --bench with any of them on also times the step with all of them off.
-SPEED_LEVERS_OFF = {"float8": "off", "max_autotune": False}
+SPEED_LEVERS_OFF = {"float8": "off", "max_autotune": False, "attention": "sdpa"}
 RANGES = [
     (("hidden", "depth", "heads", "mlp_ratio", "patch_size", "batch_size", "log_every", "ckpt_every_seconds",
       "time_shift", "align_depth", "projector_width"), "> 0", lambda v: v > 0),
@@ -344,6 +345,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     raw_model = model.DiT(cfg).to(device)
     ema = copy.deepcopy(raw_model).requires_grad_(False)
     model.use_float8(raw_model, hp.float8)  # the EMA, which only averages weights, stays a plain DiT
+    model.use_attention(raw_model, hp.attention)
     n_params = model.param_count(raw_model)
     optimizers = build_optimizers(hp, raw_model)
     step, train_seconds, position = 0, 0.0, 0
@@ -816,7 +818,7 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
               if cfg.align_depth else "off",
               "latent": dataset.latent_shape, "text_tokens": cfg.text_len, "batch": hp.batch_size,
               "world_size": world_size, "optimizer": hp.optimizer, "compile": bool(hp.compile and use_cuda),
-              "float8": hp.float8, "max_autotune": hp.max_autotune,
+              "float8": hp.float8, "max_autotune": hp.max_autotune, "attention": hp.attention,
               "params": n_params, "gflop_per_image": flops / 1e9, "ms_per_step": 1e3 * step_alone,
               "img_per_s": hp.batch_size / step_alone, "loader_share": step_fed / step_alone - 1,
               "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "torch": torch.__version__}
@@ -865,7 +867,7 @@ def benchmark_sampling(hp, cfg, raw_model, dataset, device):
         rows.append(row)
     return {"bench": "sample", "model": f"{cfg.hidden}x{cfg.depth}/{cfg.patch_size}", "track": hp.track,
             "batch": hp.batch_size, "compile": bool(hp.compile and use_cuda), "float8": hp.float8,
-            "max_autotune": hp.max_autotune, "params": model.param_count(net),
+            "max_autotune": hp.max_autotune, "attention": hp.attention, "params": model.param_count(net),
             "gflop_per_forward": model.flops_per_image(cfg, training=False) / 1e9, "rows": rows,
             "matmul_peak_tflops": peak / 1e12 if peak else None,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if use_cuda else None,
@@ -886,8 +888,9 @@ def profile_kernels(run_step, device, steps=5, top=15):
 
 
 def levers_text(r):
-    """'compile True max-autotune | float8 tensorwise' of a bench report: the speed settings it ran with."""
-    return f"compile {r['compile']}{' max-autotune' if r['max_autotune'] else ''} | float8 {r['float8']}"
+    """'compile True max-autotune | float8 tensorwise | attention sdpa' of a bench report: its speed settings."""
+    return (f"compile {r['compile']}{' max-autotune' if r['max_autotune'] else ''} | float8 {r['float8']} | "
+            f"attention {r['attention']}")
 
 
 def format_bench(r):

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import model as dit
@@ -145,17 +146,19 @@ def test_sample_bench_counts_the_forward_passes_of_interval_cfg(tmp_path):
     assert "cfg interval [0.1, 0.75]: 166 forward passes per image" in interval
 
 
-def test_bench_with_a_speed_lever_on_times_every_lever_off_first_and_prints_the_ratio(tmp_path):
+@pytest.mark.parametrize("lever, value", [("float8", "tensorwise"), ("attention", "matmul")])
+def test_bench_with_a_speed_lever_on_times_every_lever_off_first_and_prints_the_ratio(tmp_path, lever, value):
     out = tmp_path / "bench"
     result = run_cli(REPO / "train_dit.py", "--config", "shapes-cpu", "--bench", "train", "--batch-size", 8,
-                     "--bench-steps", 2, "--float8", "tensorwise", "--out", out, cwd=tmp_path)
+                     "--bench-steps", 2, f"--{lever}", value, "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("bench ")]
-    assert [line.split(" | float8 ")[1].split(" ")[0] for line in lines[:2]] == ["off", "tensorwise"]
-    reference, lever, ratio = (json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines())
-    assert (reference["float8"], lever["float8"], ratio["levers"]) == ("off", "tensorwise", {"float8": "tensorwise"})
-    assert ratio["ratios"] == [pytest.approx(lever["img_per_s"] / reference["img_per_s"])]
-    assert lines[2] == f"bench ratio | float8=tensorwise against every lever off | {ratio['ratios'][0]:.2f}x img/s"
+    off = train_dit.SPEED_LEVERS_OFF[lever]
+    assert [line.split(f" | {lever} ")[1].split(" ")[0] for line in lines[:2]] == [off, value]
+    reference, timed, ratio = (json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines())
+    assert (reference[lever], timed[lever], ratio["levers"]) == (off, value, {lever: value})
+    assert ratio["ratios"] == [pytest.approx(timed["img_per_s"] / reference["img_per_s"])]
+    assert lines[2] == f"bench ratio | {lever}={value} against every lever off | {ratio['ratios'][0]:.2f}x img/s"
 
 
 @pytest.mark.parametrize("max_autotune, graphs, mode", [(False, True, "reduce-overhead"), (False, False, "default"),
@@ -165,6 +168,32 @@ def test_compile_mode_keeps_cuda_graphs_where_allowed_and_adds_max_autotune_with
     hp = train_dit.CONFIGS["shapes"]
     assert train_dit.compile_mode(train_dit.dataclasses.replace(hp, max_autotune=max_autotune), graphs) == mode
     assert train_dit.SPEED_LEVERS_OFF["max_autotune"] is False  # --bench's yardstick turns it off
+
+
+def test_attention_by_matmuls_is_the_same_function_as_the_fused_kernel_forward_and_backward():
+    torch.manual_seed(0)
+    cfg = dit.DiTConfig(input_size=16, patch_size=8, hidden=32, depth=2, heads=4, qk_norm=True, text_blocks=1,
+                        text_dim=24, pooled_dim=24, text_len=4)  # velocity: no 1/t to magnify fp32 rounding
+    fused, by_matmuls = dit.DiT(cfg), dit.DiT(cfg)
+    for m in fused.modules():  # the zero-initialised gates and output would hide the attention from the output
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.3)
+    by_matmuls.load_state_dict(fused.state_dict())
+    assert dit.use_attention(by_matmuls, "matmul") is by_matmuls
+    assert {m.kernel for m in by_matmuls.modules() if isinstance(m, dit.Attention)} == {"matmul"}
+    assert {m.kernel for m in fused.modules() if isinstance(m, dit.Attention)} == {"sdpa"}
+    inputs = (torch.randn(3, 3, 16, 16), torch.rand(3), torch.randn(3, 4, 24), torch.randn(3, 24))
+    outs = [net(*inputs) for net in (fused, by_matmuls)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    assert outs[0].std() > 0.1  # not the zeroed init's constant output
+    for out in outs:
+        out.pow(2).sum().backward()
+    # fp32 sums in another order: ~1e-7 for most, up to ~4e-5 for the QK-norm scales' sums of cancelling terms
+    errors = {name: ((a.grad - b.grad).norm() / a.grad.norm()).item()
+              for (name, a), b in zip(fused.named_parameters(), by_matmuls.parameters()) if a.grad is not None}
+    assert len(errors) > 20 and max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
+    q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)  # the function alone, against PyTorch's kernel
+    torch.testing.assert_close(dit.attention_by_matmuls(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
 # -----------------------------------------------------------------------------
