@@ -1884,6 +1884,17 @@ def global_batch_views(n, views, seed, position, indices):
     return chosen
 
 
+def host_batch(dataset, seed, position, batch_size, rank=0, world_size=1, features=False):
+    """This rank's slice of the global batch at `position`, gathered on the host as CPU tensors: the loader thread's
+    whole host work per batch before the copy to the device (docs/bench/loader_host.py times it)."""
+    idx = global_batch_indices(len(dataset), seed, position, batch_size)
+    views = global_batch_views(len(dataset), dataset.views, seed, position, idx)
+    per_rank = batch_size // world_size
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    raw = dataset.gather(idx[mine], views[mine], features)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in raw.items()}
+
+
 class Loader:
     """Global batches in the fixed seeded order, split across ranks without overlap: (latents, text tokens, pooled
     text, caption ids, encoder features or None), the features read only with `features`.
@@ -1923,13 +1934,9 @@ class Loader:
 
     def _fill(self, position):
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        per_rank = self.batch_size // self.world_size
         while not self._stop.is_set():
-            idx = global_batch_indices(len(self.dataset), self.seed, position, self.batch_size)
-            views = global_batch_views(len(self.dataset), self.dataset.views, self.seed, position, idx)
-            mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-            raw = self.dataset.gather(idx[mine], views[mine], self.features)
-            batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in raw.items()}
+            batch = host_batch(self.dataset, self.seed, position, self.batch_size, self.rank, self.world_size,
+                               self.features)
             event = None
             if stream is not None:
                 with torch.cuda.stream(stream):
