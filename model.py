@@ -13,11 +13,13 @@ forward pass computes it only when asked (`align=True`, in training), so samplin
 import dataclasses
 import math
 import pickle
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data import UserError, atomic_write, content_hash
 
@@ -98,14 +100,28 @@ class TextEmbedder(nn.Module):
 
 def attention_by_matmuls(q, k, v):
     """softmax(q k^T / sqrt(head_dim)) v as two batched matmuls and a softmax, which torch.compile fuses with their
-    neighbours: the fused kernels' fixed costs dominate at Shapes' 80 tokens (cuDNN's 2.25 ms a step for ~3% of its
-    FLOPs, records/shapes-baseline-tuning.md, section 15). The same function as scaled_dot_product_attention."""
+    neighbours. The same function as scaled_dot_product_attention; slower on the Shapes step (0.91x on an H200,
+    docs/performance.md)."""
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
-# The attention kernels by name: PyTorch's scaled_dot_product_attention (cuDNN or flash on a GPU), or two matmuls.
-ATTENTION_KERNELS = ("sdpa", "matmul")
+# The attention kernels by name, all the same function: PyTorch's scaled_dot_product_attention choosing its kernel
+# (sdpa: cuDNN on Hopper), one of its fused kernels forced, or two matmuls. At Shapes' 80 tokens the fused kernels'
+# fixed costs dominate (cuDNN: 2.0 ms of the H200's 15.3 ms step for ~3% of its FLOPs), so which one matters.
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION}
+ATTENTION_KERNELS = ("sdpa", *SDPA_BACKENDS, "matmul")
+
+
+def attend(q, k, v, kernel):
+    """softmax(q k^T / sqrt(head_dim)) v of (batch, heads, tokens, head_dim) tensors, computed by `kernel`."""
+    if kernel == "matmul":
+        return attention_by_matmuls(q, k, v)
+    if kernel == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel(SDPA_BACKENDS[kernel]):
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Attention(nn.Module):
@@ -125,7 +141,7 @@ class Attention(nn.Module):
         # (B, heads, N, head_dim): normalising after the permute cost copies (H100, shapes-gpu step: 17.9 -> 17.1 ms).
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).unbind(2)
         q, k, v = [z.transpose(1, 2) for z in (self.q_norm(q), self.k_norm(k), v)]
-        x = F.scaled_dot_product_attention(q, k, v) if self.kernel == "sdpa" else attention_by_matmuls(q, k, v)
+        x = attend(q, k, v, self.kernel)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -303,7 +319,17 @@ def use_float8(net, recipe):
 
 
 def use_attention(net, kernel):
-    """Every attention layer of `net` computes with `kernel` (one of ATTENTION_KERNELS); weights are untouched."""
+    """Every attention layer of `net` computes with `kernel` (one of ATTENTION_KERNELS); weights are untouched.
+    A kernel PyTorch lacks for the net's device is refused here, not at the first step."""
+    param = next(net.parameters())
+    dtype = torch.bfloat16 if param.is_cuda else param.dtype  # the dtype autocast gives attention on a GPU
+    q = torch.zeros(1, 1, 8, 64, device=param.device, dtype=dtype)
+    try:
+        with warnings.catch_warnings(action="ignore"):  # PyTorch warns why each kernel does not apply
+            attend(q, q, q, kernel)
+    except RuntimeError:
+        raise UserError(f"--attention {kernel}: PyTorch has no such kernel for {dtype} on {param.device.type}; "
+                        f"choose another of {', '.join(ATTENTION_KERNELS)}") from None
     for m in net.modules():
         if isinstance(m, Attention):
             m.kernel = kernel

@@ -114,7 +114,9 @@ class Hyperparameters:
     compile: bool = True  # torch.compile the model (GPU only)
     float8: str = "off"  # FP8 matmuls in the blocks' token linears (torchao float8 training): one of model.FLOAT8_RECIPES
     max_autotune: bool = False  # compile's max-autotune: Triton matmuls with elementwise epilogues fused (slow compile)
-    attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's fused: cuDNN, flash) or matmul (two matmuls, compiled)
+    attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's choice; cuDNN on Hopper), flash, efficient, cudnn,
+        # or matmul (two matmuls, compiled): the same function (docs/performance.md, "Attention at 80 tokens")
+    compile_muon: bool = False  # torch.compile Muon's update around its matmuls (GPU, with compile)
     compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
     resume: str = ""  # checkpoint to continue from
     verify_full: bool = False  # hash every byte of the data at start (false: sizes and sampled sha256 windows)
@@ -183,7 +185,7 @@ CHOICES = {"track": sorted(data.TRACK_SHAPES), "prediction": ["image", "velocity
            "time_sampling": ["logit_normal", "uniform"], "sample_weights": ["ema", "model"],
            "float8": list(model.FLOAT8_RECIPES), "attention": list(model.ATTENTION_KERNELS)}
 # The speed levers and their values when off: --bench with any of them on also times the step with all of them off.
-SPEED_LEVERS_OFF = {"float8": "off", "max_autotune": False, "attention": "sdpa"}
+SPEED_LEVERS_OFF = {"float8": "off", "max_autotune": False, "attention": "sdpa", "compile_muon": False}
 RANGES = [
     (("hidden", "depth", "heads", "mlp_ratio", "patch_size", "batch_size", "log_every", "ckpt_every_seconds",
       "time_shift", "align_depth", "projector_width"), "> 0", lambda v: v > 0),
@@ -583,7 +585,8 @@ def build_optimizers(hp, raw_model):
         [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=hp.lr, betas=(hp.beta1, hp.beta2), fused=True)]
     if muon_params:
-        optimizers.append(Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.weight_decay))
+        optimizers.append(Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, weight_decay=hp.weight_decay,
+                               compiled=hp.compile_muon and hp.compile and next(raw_model.parameters()).is_cuda))
     for opt in optimizers:
         for group in opt.param_groups:
             group["peak_lr"] = group["lr"]
@@ -819,6 +822,7 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
               "latent": dataset.latent_shape, "text_tokens": cfg.text_len, "batch": hp.batch_size,
               "world_size": world_size, "optimizer": hp.optimizer, "compile": bool(hp.compile and use_cuda),
               "float8": hp.float8, "max_autotune": hp.max_autotune, "attention": hp.attention,
+              "compile_muon": bool(hp.compile_muon and hp.optimizer == "muon" and hp.compile and use_cuda),
               "params": n_params, "gflop_per_image": flops / 1e9, "ms_per_step": 1e3 * step_alone,
               "img_per_s": hp.batch_size / step_alone, "loader_share": step_fed / step_alone - 1,
               "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "torch": torch.__version__}
@@ -828,7 +832,7 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
         report.update(peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30, tflops=achieved / 1e12,
                       matmul_peak_tflops=peak / 1e12, mfu=achieved / peak)
         if run.bench_profile:
-            report["top_kernels"] = profile_kernels(lambda i: step_fn(i, batch, 0.0), device)
+            report["gpu_busy_ms"], report["kernels"] = profile_kernels(lambda i: step_fn(i, batch, 0.0), device)
     return report
 
 
@@ -874,8 +878,9 @@ def benchmark_sampling(hp, cfg, raw_model, dataset, device):
             "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "torch": torch.__version__}
 
 
-def profile_kernels(run_step, device, steps=5, top=15):
-    """[(kernel name, ms per step, share of GPU time)] of the most expensive GPU kernels."""
+def profile_kernels(run_step, device, steps=5):
+    """(GPU busy ms per step, [(kernel name, ms per step, share of GPU time)] of every GPU kernel, most expensive
+    first). Busy time well under the step's means the GPU waits: on the host's launches or on data."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
@@ -884,13 +889,23 @@ def profile_kernels(run_step, device, steps=5, top=15):
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.self_device_time_total for e in kernels)
     kernels.sort(key=lambda e: -e.self_device_time_total)
-    return [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.self_device_time_total / total) for e in kernels[:top]]
+    return total / 1e3 / steps, [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.self_device_time_total / total)
+                                 for e in kernels]
 
 
 def levers_text(r):
     """'compile True max-autotune | float8 tensorwise | attention sdpa' of a bench report: its speed settings."""
-    return (f"compile {r['compile']}{' max-autotune' if r['max_autotune'] else ''} | float8 {r['float8']} | "
-            f"attention {r['attention']}")
+    return (f"compile {r['compile']}{' max-autotune' if r['max_autotune'] else ''}"
+            f"{' + Muon' if r.get('compile_muon') else ''} | float8 {r['float8']} | attention {r['attention']}")
+
+
+PROFILE_TOP = 20  # kernels printed by --bench-profile; bench.jsonl keeps them all
+KERNEL_KINDS = {"matmuls": ("nvjet", "gemm", "cutlass", "splitKreduce"), "attention": ("sdpa", "flash", "fmha", "cudnn"),
+                "compiled": ("triton_",)}  # by name; the rest: eager elementwise, reductions, optimizers, copies
+
+
+def kernel_kind(name):
+    return next((kind for kind, marks in KERNEL_KINDS.items() if any(m in name for m in marks)), "other")
 
 
 def format_bench(r):
@@ -913,7 +928,12 @@ def format_bench(r):
     if "mfu" in r:
         line += (f" | {r['tflops']:.0f} TFLOP/s of {r['matmul_peak_tflops']:.0f} measured bf16 peak | "
                  f"MFU {100 * r['mfu']:.1f}% | peak mem {r['peak_mem_gib']:.1f} GiB")
-    for name, ms, share in r.get("top_kernels", []):
+    if "kernels" in r:
+        kinds = {kind: sum(ms for name, ms, _ in r["kernels"] if kernel_kind(name) == kind)
+                 for kind in [*KERNEL_KINDS, "other"]}
+        line += (f"\n  GPU busy {r['gpu_busy_ms']:.2f} ms/step of {r['ms_per_step']:.2f}: "
+                 + ", ".join(f"{kind} {ms:.2f}" for kind, ms in kinds.items()) + "; the top kernels:")
+    for name, ms, share in r.get("kernels", [])[:PROFILE_TOP]:
         line += f"\n  {ms:8.2f} ms/step {100 * share:5.1f}%  {name}"
     return line
 
@@ -938,16 +958,26 @@ def orthogonalize(g, steps=5):
     return (x.mT if tall else x).to(g.dtype)
 
 
+def nesterov_orthogonalized(grads, momenta, momentum):
+    """Muon's update direction for matrices of one shape: the momentum step (in place), then the Nesterov
+    gradient of each, orthogonalised as one batch."""
+    torch._foreach_lerp_(momenta, grads, 1 - momentum)
+    return orthogonalize(torch.stack(torch._foreach_lerp(grads, momenta, momentum)))
+
+
 class Muon(torch.optim.Optimizer):
     """SGD with Nesterov momentum whose update is orthogonalised and scaled to the matrix's shape.
 
-    Matrices of one shape are orthogonalised together, as one batch. Like fused AdamW, a nonzero
-    `found_inf` tensor (set by the trainer) skips the update on the device, without a host sync.
+    Matrices of one shape are orthogonalised together, as one batch; with `compiled`, torch.compile fuses the
+    momentum, the casts and the iteration's scalars around its matmuls (eager, about 25 launches per shape). Like
+    fused AdamW, a nonzero `found_inf` tensor (set by the trainer) skips the update on the device, without a host sync.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0):
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, compiled=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.found_inf = None
+        # One graph per shape; the learning rate stays outside, so its schedule recompiles nothing.
+        self.direction = torch.compile(nesterov_orthogonalized, dynamic=False) if compiled else nesterov_orthogonalized
 
     @torch.no_grad()
     def step(self):
@@ -962,10 +992,9 @@ class Muon(torch.optim.Optimizer):
                 grads = [p.grad for p in params]
                 if self.found_inf is not None:  # lerp(m, m) = m: a skipped step leaves the momentum as it was
                     grads = [torch.where(self.found_inf > 0, m, g) for m, g in zip(momenta, grads)]
-                torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
-                nesterov = torch.stack(torch._foreach_lerp(grads, momenta, group["momentum"]))
                 # max(1, rows/cols)^0.5: a tall matrix's orthogonal update has the RMS of a square one.
-                updates = orthogonalize(nesterov) * (keep * group["lr"] * max(1.0, rows / cols) ** 0.5)
+                updates = (self.direction(grads, momenta, group["momentum"])
+                           * (keep * group["lr"] * max(1.0, rows / cols) ** 0.5))
                 if group["weight_decay"]:
                     torch._foreach_mul_(params, 1 - keep * group["lr"] * group["weight_decay"])
                 torch._foreach_sub_(params, list(updates.unbind(0)))

@@ -35,6 +35,19 @@ def test_orthogonalize_brings_every_singular_value_near_one(rows, cols, scale):
     assert torch.linalg.eigvalsh(0.5 * (out.mT @ m + m.mT @ out)).min() > -1e-3 * scale
 
 
+def test_muon_direction_is_the_momentum_step_then_the_orthogonalised_nesterov_gradient():
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(24, 8, generator=g) for _ in range(3)]
+    momenta = [torch.randn(24, 8, generator=g) for _ in range(3)]
+    expected_momenta = [0.9 * m + 0.1 * grad for m, grad in zip(momenta, grads)]
+    nesterov = torch.stack([0.1 * grad + 0.9 * m for m, grad in zip(expected_momenta, grads)])
+    direction = train_dit.nesterov_orthogonalized(grads, momenta, 0.9)
+    for m, expected in zip(momenta, expected_momenta):  # updated in place: the optimizer's state
+        torch.testing.assert_close(m, expected)
+    torch.testing.assert_close(direction, train_dit.orthogonalize(nesterov))
+    assert direction.shape == (3, 24, 8)
+
+
 def test_muon_with_qk_norm_resumes_bit_exactly(shapes_data, trained_run, tmp_path):
     flags = ("--optimizer", "muon", "--qk-norm", "true", "--text-blocks", "1", "--ckpt-every-seconds", "0.0001")
     full = train(shapes_data, tmp_path / "full", 0, *flags)
@@ -194,6 +207,34 @@ def test_attention_by_matmuls_is_the_same_function_as_the_fused_kernel_forward_a
     assert len(errors) > 20 and max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
     q, k, v = torch.randn(3, 2, 4, 7, 8).unbind(0)  # the function alone, against PyTorch's kernel
     torch.testing.assert_close(dit.attention_by_matmuls(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_each_attention_kernel_computes_the_same_function_or_is_refused_by_its_flag():
+    torch.manual_seed(0)
+    cfg = dit.DiTConfig(input_size=16, patch_size=8, hidden=32, depth=2, heads=4, qk_norm=True, text_blocks=1,
+                        text_dim=24, pooled_dim=24, text_len=4)
+    reference = dit.DiT(cfg)
+    for m in reference.modules():  # the zero-initialised gates and output would hide the attention from the output
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.3)
+    inputs = (torch.randn(3, 3, 16, 16), torch.rand(3), torch.randn(3, 4, 24), torch.randn(3, 24))
+    expected = reference(*inputs)
+    accepted, refused = [], []
+    for kernel in dit.ATTENTION_KERNELS:
+        net = dit.DiT(cfg)
+        net.load_state_dict(reference.state_dict())
+        try:
+            dit.use_attention(net, kernel)
+        except data.UserError as e:
+            assert str(e).startswith(f"--attention {kernel}: PyTorch has no such kernel"), e
+            assert {m.kernel for m in net.modules() if isinstance(m, dit.Attention)} == {"sdpa"}  # left as it was
+            refused.append(kernel)
+            continue
+        torch.testing.assert_close(net(*inputs), expected, rtol=1e-5, atol=1e-5)
+        accepted.append(kernel)
+    assert {"sdpa", "flash", "matmul"} <= set(accepted)  # PyTorch has a flash kernel on the CPU too
+    if not torch.cuda.is_available():
+        assert set(refused) == {"efficient", "cudnn"}  # GPU-only kernels
 
 
 # -----------------------------------------------------------------------------
