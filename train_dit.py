@@ -115,7 +115,7 @@ class Hyperparameters:
     float8: str = "off"  # FP8 matmuls in the blocks' token linears (torchao float8 training): one of model.FLOAT8_RECIPES
     max_autotune: bool = False  # compile's max-autotune: Triton matmuls with elementwise epilogues fused (slow compile)
     attention: str = "sdpa"  # attention kernel: sdpa (PyTorch's choice; cuDNN on Hopper), flash, efficient, cudnn,
-        # or matmul (two matmuls, compiled): the same function (docs/performance.md, "Attention at 80 tokens")
+        # or matmul (two matmuls, compiled): the same function (docs/performance.md, the Shapes step measured)
     compile_muon: bool = False  # torch.compile Muon's update around its matmuls (GPU, with compile)
     compile_warmup_steps: int = 3  # untimed steps that trigger compilation, then undone
     resume: str = ""  # checkpoint to continue from
@@ -900,8 +900,10 @@ def levers_text(r):
 
 
 PROFILE_TOP = 20  # kernels printed by --bench-profile; bench.jsonl keeps them all
-KERNEL_KINDS = {"matmuls": ("nvjet", "gemm", "cutlass", "splitKreduce"), "attention": ("sdpa", "flash", "fmha", "cudnn"),
-                "compiled": ("triton_",)}  # by name; the rest: eager elementwise, reductions, optimizers, copies
+# Kernels by name, the first kind that matches (attention first: the efficient kernel is a CUTLASS fmha); the rest
+# are eager elementwise kernels, reductions, optimizers and copies.
+KERNEL_KINDS = {"attention": ("sdpa", "flash", "fmha", "cudnn"), "matmuls": ("nvjet", "gemm", "cutlass", "splitKreduce"),
+                "compiled": ("triton_",)}
 
 
 def kernel_kind(name):
