@@ -263,6 +263,8 @@ def parse_args(argv=None):
     if hp.time_mean_cooldown and not (hp.lr_cooldown and hp.time_sampling == "logit_normal"):
         p.error("argument --time-mean-cooldown: moves the logit-normal location over the cooldown: needs "
                 "--time-sampling logit_normal and --lr-cooldown > 0")
+    if hp.compile_muon and hp.optimizer != "muon":
+        p.error(f"argument --compile-muon: compiles Muon's update: needs --optimizer muon, got {hp.optimizer}")
     if hp.align_weight and hp.align_depth > hp.depth:
         p.error(f"argument --align-depth: {hp.align_depth} is past the model's --depth {hp.depth} blocks")
     return hp, argparse.Namespace(name=config, overrides=overrides, bench=args.bench, bench_steps=args.bench_steps,
@@ -822,7 +824,7 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
               "latent": dataset.latent_shape, "text_tokens": cfg.text_len, "batch": hp.batch_size,
               "world_size": world_size, "optimizer": hp.optimizer, "compile": bool(hp.compile and use_cuda),
               "float8": hp.float8, "max_autotune": hp.max_autotune, "attention": hp.attention,
-              "compile_muon": bool(hp.compile_muon and hp.optimizer == "muon" and hp.compile and use_cuda),
+              "compile_muon": bool(hp.compile_muon and hp.compile and use_cuda),
               "params": n_params, "gflop_per_image": flops / 1e9, "ms_per_step": 1e3 * step_alone,
               "img_per_s": hp.batch_size / step_alone, "loader_share": step_fed / step_alone - 1,
               "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "torch": torch.__version__}
