@@ -374,7 +374,9 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         # all-reduce hooks run between the graph's pieces, and micro-batches accumulate gradients across replays
         # that may reuse the graph's memory: both compile without CUDA graphs.
         accumulating = chunk < per_rank
-        compiled = torch.compile(compiled, mode=compile_mode(hp, graphs=world_size == 1 and not accumulating))
+        # Static shapes: the half-resolution phase (lowres_fraction) gets its own graphs, not a dynamic-shape one.
+        compiled = torch.compile(compiled, mode=compile_mode(hp, graphs=world_size == 1 and not accumulating),
+                                 dynamic=False)
 
     # =========================================================================
     # The run folder and its log: created only now that the data, the model and the resume state checked out.
