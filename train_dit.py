@@ -95,7 +95,8 @@ class Hyperparameters:
         # low noise late, where exact edges are learnt, after the layout; section 22)
     text_dropout: float = 0.1  # fraction of captions replaced by the null caption (for guidance)
     lowres_fraction: float = 0.0  # first fraction of the budget trained at half resolution: 2x2-averaged latents,
-        # a quarter of the image tokens, at the full grid's positions; layout and binding are cheaper to learn there
+        # a quarter of the image tokens at the full grid's positions, times moved by SD3's resolution shift; layout
+        # and binding are cheaper to learn there (section 23)
     # representation alignment (REPA): the external-module track, on data with encoder features (data.py --encoder)
     align_weight: float = 0.0  # weight of REPA's loss, -cos(projected token, encoder feature); 0: off (basic tracks)
     align_depth: int = 2  # joint blocks before the aligned image tokens (REPA: 4 of SiT-B's 12, 8 of SiT-XL's 28)
@@ -697,7 +698,7 @@ def start_wandb(hp, log):
 
 def draw_noise(hp, step, seconds, latent_shape, generator, rank, world_size):
     """The global batch's noise, times and caption drops, from (seed, step) alone (and the training clock, where
-    time_mean_cooldown moves the times): every rank draws all of them and keeps its slice, so world size and resume
+    time_mean_cooldown or the half-resolution phase moves the times): every rank draws all of them and keeps its slice, so world size and resume
     do not change the run."""
     device = generator.device
     generator.manual_seed(hp.seed * 1_000_003 + step)
@@ -707,6 +708,11 @@ def draw_noise(hp, step, seconds, latent_shape, generator, rank, world_size):
         t = torch.sigmoid(time_mean(hp, seconds) + hp.time_std * logits)
     else:
         t = torch.rand((hp.batch_size,), generator=generator, device=device)
+    if low_resolution(hp, seconds):
+        # SD3's resolution shift (Esser et al. 2024, eq. 23; s = sqrt(pixels / reference pixels) = 1/2): at a quarter
+        # of the pixels the same t hides more of the image, so the half-resolution times move towards the data by
+        # log 2 in logit, keeping what each time shows as at full resolution.
+        t = 0.5 * t / (1 - 0.5 * t)
     drop = torch.rand((hp.batch_size,), generator=generator, device=device) < hp.text_dropout
     per_rank = hp.batch_size // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)

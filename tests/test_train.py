@@ -111,8 +111,11 @@ def test_the_first_lowres_fraction_of_the_budget_trains_on_2x2_averaged_latents(
                    autocast=torch.autocast("cpu", enabled=False), generator=torch.Generator(), rank=0, world_size=1,
                    chunk=4)
     half, full = inputs
-    # x_t = (1 - t) x + t noise, with x the 2x2 averages and the noise drawn at their size from (seed, step)
+    # x_t = (1 - t) x + t noise, with x the 2x2 averages and the noise drawn at their size from (seed, step), and t
+    # the full-resolution time moved by SD3's shift for a quarter of the pixels: logit(t) - log 2
     noise, t, _ = draw_noise(hp, 5, 10.0, (3, 8, 8), torch.Generator(), 0, 1)
+    t_full = draw_noise(hp, 5, 30.0, (3, 8, 8), torch.Generator(), 0, 1)[1]
+    torch.testing.assert_close(torch.logit(t.double()), torch.logit(t_full.double()) - math.log(2), atol=1e-5, rtol=0)
     pooled = torch.nn.functional.avg_pool2d(latents, 2)
     torch.testing.assert_close(half, (1 - t[:, None, None, None]) * pooled + t[:, None, None, None] * noise)
     assert full.shape == latents.shape
