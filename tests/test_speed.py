@@ -194,19 +194,26 @@ def test_compile_mode_keeps_cuda_graphs_where_allowed_and_adds_max_autotune_with
     assert train_dit.SPEED_LEVERS_OFF["max_autotune"] is False  # --bench's yardstick turns it off
 
 
-def test_attention_by_matmuls_is_the_same_function_as_the_fused_kernel_forward_and_backward():
+def attention_test_dit():
+    """A tiny DiT whose attention shows in its output, its config, and inputs for it."""
     torch.manual_seed(0)
     cfg = dit.DiTConfig(input_size=16, patch_size=8, hidden=32, depth=2, heads=4, qk_norm=True, text_blocks=1,
                         text_dim=24, pooled_dim=24, text_len=4)  # velocity: no 1/t to magnify fp32 rounding
-    fused, by_matmuls = dit.DiT(cfg), dit.DiT(cfg)
-    for m in fused.modules():  # the zero-initialised gates and output would hide the attention from the output
+    net = dit.DiT(cfg)
+    for m in net.modules():  # the zero-initialised gates and output would hide the attention from the output
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, std=0.3)
+    inputs = (torch.randn(3, 3, 16, 16), torch.rand(3), torch.randn(3, 4, 24), torch.randn(3, 24))
+    return cfg, net, inputs
+
+
+def test_attention_by_matmuls_is_the_same_function_as_the_fused_kernel_forward_and_backward():
+    cfg, fused, inputs = attention_test_dit()
+    by_matmuls = dit.DiT(cfg)
     by_matmuls.load_state_dict(fused.state_dict())
     assert dit.use_attention(by_matmuls, "matmul") is by_matmuls
     assert {m.kernel for m in by_matmuls.modules() if isinstance(m, dit.Attention)} == {"matmul"}
     assert {m.kernel for m in fused.modules() if isinstance(m, dit.Attention)} == {"sdpa"}
-    inputs = (torch.randn(3, 3, 16, 16), torch.rand(3), torch.randn(3, 4, 24), torch.randn(3, 24))
     outs = [net(*inputs) for net in (fused, by_matmuls)]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     assert outs[0].std() > 0.1  # not the zeroed init's constant output
@@ -221,14 +228,7 @@ def test_attention_by_matmuls_is_the_same_function_as_the_fused_kernel_forward_a
 
 
 def test_each_attention_kernel_computes_the_same_function_or_is_refused_by_its_flag():
-    torch.manual_seed(0)
-    cfg = dit.DiTConfig(input_size=16, patch_size=8, hidden=32, depth=2, heads=4, qk_norm=True, text_blocks=1,
-                        text_dim=24, pooled_dim=24, text_len=4)
-    reference = dit.DiT(cfg)
-    for m in reference.modules():  # the zero-initialised gates and output would hide the attention from the output
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, std=0.3)
-    inputs = (torch.randn(3, 3, 16, 16), torch.rand(3), torch.randn(3, 4, 24), torch.randn(3, 24))
+    cfg, reference, inputs = attention_test_dit()
     expected = reference(*inputs)
     accepted, refused = [], []
     for kernel in dit.ATTENTION_KERNELS:

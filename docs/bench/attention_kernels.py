@@ -19,11 +19,11 @@ q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=torc
            for _ in range(3))
 grad = torch.randn(batch, heads, tokens, head_dim, device=device, dtype=torch.bfloat16)
 compiled = torch.compile(model.attend, dynamic=False)
+reference = model.attend(q.float(), k.float(), v.float(), "sdpa")  # the function in fp32
 kernels = {}
 for name in model.ATTENTION_KERNELS:
     run = compiled if name == "matmul" else model.attend
     try:
-        reference = model.attend(q.float(), k.float(), v.float(), "sdpa")  # the function in fp32
         error = (run(q, k, v, name).float() - reference).abs().max().item()
     except RuntimeError as e:
         print(f"{name}: not available here ({str(e).splitlines()[0][:100]})")
