@@ -52,11 +52,9 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def sincos_2d(dim, grid, stride=1):
-    """Fixed 2-D sine-cosine position embedding, (grid*grid, dim). With stride s, each patch stands for s x s patches
-    of a finer grid and sits at their centre, in the finer grid's units: a half-resolution image's tokens keep the
-    positions of the full-resolution image they were pooled from."""
-    coords = (torch.arange(grid, dtype=torch.float64) + 0.5) * stride - 0.5
+def sincos_2d(dim, grid):
+    """Fixed 2-D sine-cosine position embedding, (grid*grid, dim)."""
+    coords = torch.arange(grid, dtype=torch.float64)
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     y, x = torch.meshgrid(coords, coords, indexing="ij")
     parts = [torch.outer(c.flatten(), freqs) for c in (y, x)]
@@ -224,10 +222,7 @@ class DiT(nn.Module):
         self.cfg = cfg
         p, C = cfg.patch_size, cfg.in_channels
         self.patch_embed = nn.Linear(p * p * C, cfg.hidden)
-        grid = cfg.input_size // p
-        self.register_buffer("pos_embed", sincos_2d(cfg.hidden, grid), persistent=False)
-        # For the trainer's half-resolution phase (--lowres-fraction): a quarter of the tokens, on the same positions.
-        self.register_buffer("pos_embed_half", sincos_2d(cfg.hidden, grid // 2, stride=2), persistent=False)
+        self.register_buffer("pos_embed", sincos_2d(cfg.hidden, cfg.input_size // p), persistent=False)
         self.t_embed = TimestepEmbedder(cfg.hidden)
         self.text_embed = TextEmbedder(cfg)
         self.text_blocks = nn.ModuleList(TextBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
@@ -256,7 +251,7 @@ class DiT(nn.Module):
         return x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
 
     def unpatchify(self, x):
-        B, C, p, g = x.shape[0], self.cfg.in_channels, self.cfg.patch_size, math.isqrt(x.shape[1])
+        B, C, p, g = x.shape[0], self.cfg.in_channels, self.cfg.patch_size, self.cfg.input_size // self.cfg.patch_size
         return x.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
 
     def encode_text(self, text_tokens, text_pooled, drop=None):
@@ -275,7 +270,7 @@ class DiT(nn.Module):
         # promote it, and an fp32 stream doubles the bytes of every elementwise pass (H100, shapes-gpu step:
         # 17.9 -> 17.1 ms; 16.3-16.5 ms with the QK-norm layout above; records/shapes-baseline-tuning.md, section 15).
         image = self.patch_embed(self.patchify(x))
-        image = image + (self.pos_embed if x.shape[-1] == self.cfg.input_size else self.pos_embed_half).to(image.dtype)
+        image = image + self.pos_embed.to(image.dtype)
         text, pooled = self.encode_text(text_tokens, text_pooled, drop) if text is None else text
         c = self.t_embed(t) + pooled
         h = torch.cat([image, text], dim=1)

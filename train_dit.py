@@ -94,9 +94,6 @@ class Hyperparameters:
     time_mean_cooldown: float = 0.0  # added to time_mean over the lr cooldown, from 0 to this at the end (< 0: more
         # low noise late, where exact edges are learnt, after the layout; section 22)
     text_dropout: float = 0.1  # fraction of captions replaced by the null caption (for guidance)
-    lowres_fraction: float = 0.0  # first fraction of the budget trained at half resolution: 2x2-averaged latents,
-        # a quarter of the image tokens at the full grid's positions, times moved by SD3's resolution shift; layout
-        # and binding are cheaper to learn there (section 23)
     # representation alignment (REPA): the external-module track, on data with encoder features (data.py --encoder)
     align_weight: float = 0.0  # weight of REPA's loss, -cos(projected token, encoder feature); 0: off (basic tracks)
     align_depth: int = 2  # joint blocks before the aligned image tokens (REPA: 4 of SiT-B's 12, 8 of SiT-XL's 28)
@@ -195,7 +192,7 @@ RANGES = [
     (("lr", "muon_lr", "lr_warmup_steps", "weight_decay", "grad_clip", "time_std", "budget_seconds", "max_steps",
       "compile_warmup_steps", "micro_batch_size", "text_blocks", "eval_per_tag", "align_weight"), ">= 0",
      lambda v: v >= 0),
-    (("beta1", "beta2", "muon_momentum", "lowres_fraction"), "in [0, 1)", lambda v: 0 <= v < 1),
+    (("beta1", "beta2", "muon_momentum"), "in [0, 1)", lambda v: 0 <= v < 1),
     (("ema_decay", "text_dropout", "lr_cooldown"), "in [0, 1]", lambda v: 0 <= v <= 1),
     (("time_mean", "time_mean_cooldown", "cfg_scale"), "finite", math.isfinite),
     (("cfg_interval",), "two times 0 <= lo <= hi <= 1", lambda v: 0 <= v[0] <= v[1] <= 1),
@@ -268,9 +265,6 @@ def parse_args(argv=None):
                 "--time-sampling logit_normal and --lr-cooldown > 0")
     if hp.compile_muon and hp.optimizer != "muon":
         p.error(f"argument --compile-muon: compiles Muon's update: needs --optimizer muon, got {hp.optimizer}")
-    if hp.align_weight and hp.lowres_fraction:
-        p.error("argument --lowres-fraction: the encoder features are on the full-resolution grid: needs "
-                "--align-weight 0")
     if hp.align_weight and hp.align_depth > hp.depth:
         p.error(f"argument --align-depth: {hp.align_depth} is past the model's --depth {hp.depth} blocks")
     return hp, argparse.Namespace(name=config, overrides=overrides, bench=args.bench, bench_steps=args.bench_steps,
@@ -290,11 +284,6 @@ def cooldown_progress(hp, seconds):
     if hp.lr_cooldown == 0:
         return 0.0
     return min(1.0, max(0.0, 1 - (hp.budget_seconds - seconds) / (hp.lr_cooldown * hp.budget_seconds)))
-
-
-def low_resolution(hp, seconds):
-    """Whether the step at this training-clock time trains at half resolution (the first lowres_fraction)."""
-    return seconds < hp.lowres_fraction * hp.budget_seconds
 
 
 def lr_scale(hp, step, seconds):
@@ -375,9 +364,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         # all-reduce hooks run between the graph's pieces, and micro-batches accumulate gradients across replays
         # that may reuse the graph's memory: both compile without CUDA graphs.
         accumulating = chunk < per_rank
-        # Static shapes: the half-resolution phase (lowres_fraction) gets its own graphs, not a dynamic-shape one.
-        compiled = torch.compile(compiled, mode=compile_mode(hp, graphs=world_size == 1 and not accumulating),
-                                 dynamic=False)
+        compiled = torch.compile(compiled, mode=compile_mode(hp, graphs=world_size == 1 and not accumulating))
 
     # =========================================================================
     # The run folder and its log: created only now that the data, the model and the resume state checked out.
@@ -394,11 +381,6 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         f"(dataset seed {order_seed}) verified={'full' if hp.verify_full else 'fast'}")
     log(f"model: {asdict(cfg)}", echo=False)
     log(f"params: {n_params:,}  training GFLOP/image: {model.flops_per_image(cfg) / 1e9:.2f}")
-    if low_resolution(hp, train_seconds):
-        half = dataclasses.replace(cfg, input_size=cfg.input_size // 2)
-        log(f"half resolution until {hp.lowres_fraction * hp.budget_seconds:.1f} s of the training clock: "
-            f"{half.input_size}x{half.input_size} latents (2x2 averages), training GFLOP/image "
-            f"{model.flops_per_image(half) / 1e9:.2f}")
     if aligning:  # record.py reads the encoder from this line
         features = dataset.manifest["features"]
         log(f"align: weight {hp.align_weight} after joint block {hp.align_depth} of {hp.depth}, projector width "
@@ -415,7 +397,7 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
     noise_generator = torch.Generator(device)
     step_fn = functools.partial(train_step, hp=hp, model=compiled, optimizers=optimizers, ema_params=ema_params,
                                 model_params=model_params, autocast=autocast, generator=noise_generator,
-                                rank=rank, world_size=world_size, chunk=chunk)
+                                latent_shape=dataset.latent_shape, rank=rank, world_size=world_size, chunk=chunk)
 
     # =========================================================================
     # Compile warm-up, untimed and undone
@@ -427,16 +409,13 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         batch = next(warm_loader)
         warm_loader.close()
         t0 = time.perf_counter()
-        # Each resolution the run has left to train at compiles here, not on the training clock.
-        clocks = dict.fromkeys([train_seconds, max(train_seconds, hp.lowres_fraction * hp.budget_seconds)])
         with torch.random.fork_rng(devices=[device] if use_cuda else []):
-            for clock in clocks:
-                for i in range(hp.compile_warmup_steps):
-                    step_fn(step + i, batch, clock)
+            for i in range(hp.compile_warmup_steps):
+                step_fn(step + i, batch, train_seconds)
         sync(device)
         for m, state in zip((raw_model, ema, *optimizers), saved):
             m.load_state_dict(state)
-        log(f"compile warm-up: {hp.compile_warmup_steps * len(clocks)} steps in {time.perf_counter() - t0:.1f} s (untimed, undone)")
+        log(f"compile warm-up: {hp.compile_warmup_steps} steps in {time.perf_counter() - t0:.1f} s (untimed, undone)")
 
     # =========================================================================
     # Benchmark mode (--bench): time the training step above or the sampler, print the numbers, stop
@@ -519,9 +498,6 @@ def main(hp: Hyperparameters, run: argparse.Namespace):
         losses.clear()
         grad_norms.clear()
         align_losses.clear()
-        if low_resolution(hp, train_seconds) and not low_resolution(hp, clock):
-            log(f"step {step}: full resolution from here ({clock:.1f} s; --lowres-fraction {hp.lowres_fraction})",
-                echo=bar.disable)
         train_seconds = clock
         done = train_seconds >= hp.budget_seconds or at_max_steps or stopping
         if train_seconds >= next_ckpt or done:  # the clock is stopped while the checkpoint is written
@@ -580,9 +556,6 @@ def model_config(hp, dataset):
     text = dataset.manifest["text"]
     if size % hp.patch_size:
         raise UserError(f"--patch-size {hp.patch_size} does not divide the data's {size}x{size} latents")
-    if hp.lowres_fraction and (size % 2 or size // 2 % hp.patch_size):
-        raise UserError(f"--lowres-fraction {hp.lowres_fraction}: --patch-size {hp.patch_size} does not divide the "
-                        f"half-resolution {size // 2}x{size // 2} latents")
     align = {}
     if hp.align_weight > 0:
         features, grid, where = dataset.manifest.get("features"), size // hp.patch_size, Path(hp.data) / "manifest.json"
@@ -698,7 +671,7 @@ def start_wandb(hp, log):
 
 def draw_noise(hp, step, seconds, latent_shape, generator, rank, world_size):
     """The global batch's noise, times and caption drops, from (seed, step) alone (and the training clock, where
-    time_mean_cooldown or the half-resolution phase moves the times): every rank draws all of them and keeps its slice, so world size and resume
+    time_mean_cooldown moves the times): every rank draws all of them and keeps its slice, so world size and resume
     do not change the run."""
     device = generator.device
     generator.manual_seed(hp.seed * 1_000_003 + step)
@@ -708,11 +681,6 @@ def draw_noise(hp, step, seconds, latent_shape, generator, rank, world_size):
         t = torch.sigmoid(time_mean(hp, seconds) + hp.time_std * logits)
     else:
         t = torch.rand((hp.batch_size,), generator=generator, device=device)
-    if low_resolution(hp, seconds):
-        # SD3's resolution shift (Esser et al. 2024, eq. 23; s = sqrt(pixels / reference pixels) = 1/2): at a quarter
-        # of the pixels the same t hides more of the image, so the half-resolution times move towards the data by
-        # log 2 in logit, keeping what each time shows as at full resolution.
-        t = 0.5 * t / (1 - 0.5 * t)
     drop = torch.rand((hp.batch_size,), generator=generator, device=device) < hp.text_dropout
     per_rank = hp.batch_size // world_size
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -726,15 +694,13 @@ def alignment_loss(projected, features):
 
 
 def train_step(step, batch, seconds, *, hp, model, optimizers, ema_params, model_params, autocast, generator,
-               rank, world_size, chunk):
+               latent_shape, rank, world_size, chunk):
     """One update: flow matching on x_t = (1 - t) x + t noise, target velocity noise - x, plus align_weight times the
-    alignment loss; at half resolution early in the run (lowres_fraction). Returns the flow-matching loss, the
-    gradient norm and the alignment loss (0 when off) on the device (read once per log interval)."""
+    alignment loss. Returns the flow-matching loss, the gradient norm and the alignment loss (0 when off) on the
+    device (read once per log interval)."""
     latents, text_tokens, text_pooled, _, features = batch
-    if low_resolution(hp, seconds):
-        latents = F.avg_pool2d(latents, 2)
     aligning = hp.align_weight > 0
-    noise, t, drop = draw_noise(hp, step, seconds, latents.shape[1:], generator, rank, world_size)
+    noise, t, drop = draw_noise(hp, step, seconds, latent_shape, generator, rank, world_size)
     x_t = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
     scale = lr_scale(hp, step, seconds)
     for group in (g for opt in optimizers for g in opt.param_groups):
@@ -829,19 +795,16 @@ def environment_report():
 
 def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_size, device):
     """Times bench_steps training steps twice: on one batch reused (the step alone) and fed by the loader (the
-    step as training runs it); their difference is the loader's share of the step. The step is the full-resolution
-    one; with lowres_fraction, the half-resolution step alone is timed too."""
+    step as training runs it); their difference is the loader's share of the step."""
     loader = data.Loader(dataset, hp.batch_size, dataset.manifest["seed"], 0, rank, world_size, device,
                          features=hp.align_weight > 0)
     batch = next(loader)
 
-    full = hp.lowres_fraction * hp.budget_seconds  # the first training-clock time at full resolution
-
-    def timed(next_batch, clock=full):
+    def timed(next_batch):
         sync(device)
         start = time.perf_counter()
         for i in range(run.bench_steps):
-            loss, _, _ = step_fn(i, next_batch(), clock)
+            loss, _, _ = step_fn(i, next_batch(), 0.0)
         loss.item()  # one host sync, at the end
         sync(device)
         return (time.perf_counter() - start) / run.bench_steps
@@ -853,7 +816,6 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
     # Alternated, best of two each: a GPU that warms up and clocks down would bias a fixed order.
     step_alone, step_fed = (min(pair) for pair in zip(*[(timed(lambda: batch), timed(lambda: next(loader)))
                                                       for _ in range(2)]))
-    half_step = min(timed(lambda: batch, 0.0) for _ in range(2)) if hp.lowres_fraction else None
     loader.close()
     flops = model.flops_per_image(cfg)
     report = {"bench": "train", "model": f"{cfg.hidden}x{cfg.depth}/{cfg.patch_size}", "track": hp.track,
@@ -865,7 +827,6 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
               "compile_muon": bool(hp.compile_muon and hp.compile and use_cuda),
               "params": n_params, "gflop_per_image": flops / 1e9, "ms_per_step": 1e3 * step_alone,
               "img_per_s": hp.batch_size / step_alone, "loader_share": step_fed / step_alone - 1,
-              "half_resolution_ms_per_step": 1e3 * half_step if half_step else None,
               "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "torch": torch.__version__}
     if use_cuda:
         peak = data.matmul_peak_flops(device)
@@ -873,7 +834,7 @@ def benchmark_training(hp, run, cfg, n_params, step_fn, dataset, rank, world_siz
         report.update(peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30, tflops=achieved / 1e12,
                       matmul_peak_tflops=peak / 1e12, mfu=achieved / peak)
         if run.bench_profile:
-            report["gpu_busy_ms"], report["kernels"] = profile_kernels(lambda i: step_fn(i, batch, full), device)
+            report["gpu_busy_ms"], report["kernels"] = profile_kernels(lambda i: step_fn(i, batch, 0.0), device)
     return report
 
 
@@ -968,9 +929,6 @@ def format_bench(r):
             f"{levers_text(r)} | "
             f"params {r['params'] / 1e6:.1f}M | {r['gflop_per_image']:.1f} GFLOP/img | {r['ms_per_step']:.1f} ms/step | "
             f"{r['img_per_s']:.0f} img/s | loader share {100 * r['loader_share']:+.1f}%")
-    if r.get("half_resolution_ms_per_step"):
-        line += (f" | half resolution {r['half_resolution_ms_per_step']:.1f} ms/step, "
-                 f"{r['batch'] / r['half_resolution_ms_per_step'] * 1e3:.0f} img/s")
     if "mfu" in r:
         line += (f" | {r['tflops']:.0f} TFLOP/s of {r['matmul_peak_tflops']:.0f} measured bf16 peak | "
                  f"MFU {100 * r['mfu']:.1f}% | peak mem {r['peak_mem_gib']:.1f} GiB")

@@ -102,29 +102,6 @@ def test_x_prediction_is_turned_into_velocity():
     torch.testing.assert_close(image(x, t, tokens, pooled), expected)
 
 
-def test_half_resolution_tokens_sit_at_the_centres_of_the_full_grid_patches_they_average():
-    dim = 8  # the first frequency of each axis is 1: column 0 is sin(row), column 4 sin(col)
-    full, half = dit.sincos_2d(dim, 4), dit.sincos_2d(dim, 2, stride=2)
-    assert torch.equal(full[:, 0], torch.sin(torch.arange(4.0)).repeat_interleave(4))  # stride 1: rows 0..3
-    centres = torch.tensor([0.5, 2.5])  # half-grid cell i covers full-grid cells 2i and 2i+1
-    torch.testing.assert_close(half[:, 0], torch.sin(centres).repeat_interleave(2))
-    torch.testing.assert_close(half[:, 4], torch.sin(centres).repeat(2))
-    # the DiT takes a half-resolution image: a quarter of the tokens, those positions, the output at its size
-    cfg = CONFIGS["small"]
-    model = dit.DiT(cfg)
-    torch.nn.init.normal_(model.final.linear.weight, std=0.1)  # the zero init would output 0 at any size
-    x, t, tokens, pooled = inputs(cfg, batch=3)
-    small = torch.nn.functional.avg_pool2d(x, 2)
-    out = model(small, t, tokens, pooled)
-    assert out.shape == small.shape and torch.isfinite(out).all()
-    assert torch.equal(model.pos_embed_half, dit.sincos_2d(cfg.hidden, cfg.input_size // cfg.patch_size // 2, 2))
-    seen = []
-    model.patch_embed.register_forward_hook(lambda m, args, y: seen.append(y.shape[1]))
-    model(x, t, tokens, pooled)
-    model(small, t, tokens, pooled)
-    assert seen == [16, 4]
-
-
 @pytest.mark.parametrize("change", [dict(input_size=30, patch_size=4), dict(hidden=64, heads=5),
                                     dict(prediction="epsilon")])
 def test_inconsistent_config_raises(change):

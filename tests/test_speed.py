@@ -159,17 +159,6 @@ def test_sample_bench_counts_the_forward_passes_of_interval_cfg(tmp_path):
     assert "cfg interval [0.1, 0.75]: 166 forward passes per image" in interval
 
 
-def test_train_bench_with_lowres_fraction_also_times_the_half_resolution_step(tmp_path):
-    out = tmp_path / "bench"
-    result = run_cli(REPO / "train_dit.py", "--config", "shapes-cpu", "--bench", "train", "--batch-size", 4,
-                     "--bench-steps", 2, "--lowres-fraction", 0.3, "--out", out, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("bench train")]
-    report = json.loads((out / "bench.jsonl").read_text())
-    half = report["half_resolution_ms_per_step"]
-    assert half > 0 and f"| half resolution {half:.1f} ms/step, {4 / half * 1e3:.0f} img/s" in line
-
-
 @pytest.mark.parametrize("lever, value", [("float8", "tensorwise"), ("attention", "matmul")])
 def test_bench_with_a_speed_lever_on_times_every_lever_off_first_and_prints_the_ratio(tmp_path, lever, value):
     out = tmp_path / "bench"

@@ -88,47 +88,6 @@ def test_time_mean_moves_by_time_mean_cooldown_over_the_cooldown_and_the_drawn_t
     assert (early - late).mean().item() == pytest.approx(0.6, abs=1e-4) and (early - late).std().item() < 1e-4
 
 
-def test_the_first_lowres_fraction_of_the_budget_trains_on_2x2_averaged_latents():
-    import model as dit
-    from train_dit import Hyperparameters, draw_noise, low_resolution, train_step
-    hp = Hyperparameters(budget_seconds=100.0, lowres_fraction=0.3, batch_size=4, optimizer="adamw", lr=1e-3)
-    assert [low_resolution(hp, s) for s in (0.0, 29.9, 30.0, 100.0)] == [True, True, False, False]
-    assert not low_resolution(dataclasses.replace(hp, lowres_fraction=0.0), 0.0)  # off: the recipe as before
-    cfg = dit.DiTConfig(input_size=16, patch_size=4, hidden=32, depth=1, heads=2, text_len=3, text_dim=8, pooled_dim=8)
-    net = dit.DiT(cfg)
-    inputs = []  # what the real model is fed, seen through a hook
-    net.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(4, 3, 16, 16, generator=g)
-    batch = (latents, torch.randn(4, 3, 8, generator=g), torch.randn(4, 8, generator=g), None, None)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    for group in opt.param_groups:
-        group["peak_lr"] = group["lr"]
-    params = list(net.parameters())
-    ema = [p.detach().clone() for p in params]
-    for seconds in (10.0, 30.0):
-        train_step(5, batch, seconds, hp=hp, model=net, optimizers=[opt], ema_params=ema, model_params=params,
-                   autocast=torch.autocast("cpu", enabled=False), generator=torch.Generator(), rank=0, world_size=1,
-                   chunk=4)
-    half, full = inputs
-    # x_t = (1 - t) x + t noise, with x the 2x2 averages and the noise drawn at their size from (seed, step), and t
-    # the full-resolution time moved by SD3's shift for a quarter of the pixels: logit(t) - log 2
-    noise, t, _ = draw_noise(hp, 5, 10.0, (3, 8, 8), torch.Generator(), 0, 1)
-    t_full = draw_noise(hp, 5, 30.0, (3, 8, 8), torch.Generator(), 0, 1)[1]
-    torch.testing.assert_close(torch.logit(t.double()), torch.logit(t_full.double()) - math.log(2), atol=1e-5, rtol=0)
-    pooled = torch.nn.functional.avg_pool2d(latents, 2)
-    torch.testing.assert_close(half, (1 - t[:, None, None, None]) * pooled + t[:, None, None, None] * noise)
-    assert full.shape == latents.shape
-
-
-def test_lowres_fraction_with_alignment_is_refused_naming_the_flag(capsys):
-    from train_dit import parse_args
-    with pytest.raises(SystemExit):
-        parse_args(["--config", "imagenet-external", "--lowres-fraction", "0.3"])
-    assert "argument --lowres-fraction: the encoder features are on the full-resolution grid" in capsys.readouterr().err
-    assert parse_args(["--lowres-fraction", "0.3"])[0].lowres_fraction == 0.3
-
-
 def test_time_mean_cooldown_without_a_cooldown_is_refused_naming_the_flag(capsys):
     from train_dit import parse_args
     with pytest.raises(SystemExit):
