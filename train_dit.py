@@ -248,7 +248,7 @@ def parse_args(argv=None):
     b.add_argument("--bench", choices=["train", "sample"], default=None,
                    help="train: the training step (img/s, MFU); sample: 100-NFE sampling of batch_size images")
     b.add_argument("--bench-steps", type=int, default=30, help="timed training steps per measurement")
-    b.add_argument("--bench-profile", action="store_true", help="also list the top GPU kernels by time")
+    b.add_argument("--bench-profile", action="store_true", help="also profile the GPU kernels: time and launches per step by kind, the top kernels")
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)
                  if getattr(args, f.name) is not None}
@@ -881,8 +881,9 @@ def benchmark_sampling(hp, cfg, raw_model, dataset, device):
 
 
 def profile_kernels(run_step, device, steps=5):
-    """(GPU busy ms per step, [(kernel name, ms per step, share of GPU time)] of every GPU kernel, most expensive
-    first). Busy time well under the step's means the GPU waits: on the host's launches or on data."""
+    """(GPU busy ms per step, [(kernel name, ms per step, share of GPU time, launches per step)] of every GPU kernel,
+    most expensive first). Busy time well under the step's means the GPU waits: on the host's launches or on data;
+    many launches of a few microseconds each mean a step bound by per-kernel costs, not by FLOPs or bytes."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
@@ -891,8 +892,8 @@ def profile_kernels(run_step, device, steps=5):
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.self_device_time_total for e in kernels)
     kernels.sort(key=lambda e: -e.self_device_time_total)
-    return total / 1e3 / steps, [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.self_device_time_total / total)
-                                 for e in kernels]
+    return total / 1e3 / steps, [(e.key[:90], e.self_device_time_total / 1e3 / steps, e.self_device_time_total / total,
+                                  e.count / steps) for e in kernels]
 
 
 def levers_text(r):
@@ -933,12 +934,14 @@ def format_bench(r):
         line += (f" | {r['tflops']:.0f} TFLOP/s of {r['matmul_peak_tflops']:.0f} measured bf16 peak | "
                  f"MFU {100 * r['mfu']:.1f}% | peak mem {r['peak_mem_gib']:.1f} GiB")
     if "kernels" in r:
-        kinds = {kind: sum(ms for name, ms, _ in r["kernels"] if kernel_kind(name) == kind)
+        kinds = {kind: [(ms, launches) for name, ms, _, launches in r["kernels"] if kernel_kind(name) == kind]
                  for kind in [*KERNEL_KINDS, "other"]}
-        line += (f"\n  GPU busy {r['gpu_busy_ms']:.2f} ms/step of {r['ms_per_step']:.2f}: "
-                 + ", ".join(f"{kind} {ms:.2f}" for kind, ms in kinds.items()) + "; the top kernels:")
-    for name, ms, share in r.get("kernels", [])[:PROFILE_TOP]:
-        line += f"\n  {ms:8.2f} ms/step {100 * share:5.1f}%  {name}"
+        line += (f"\n  GPU busy {r['gpu_busy_ms']:.2f} ms/step of {r['ms_per_step']:.2f} in "
+                 f"{sum(n for _, _, _, n in r['kernels']):,.0f} kernel launches: "
+                 + ", ".join(f"{kind} {sum(ms for ms, _ in rows):.2f} ({sum(n for _, n in rows):.0f})"
+                             for kind, rows in kinds.items()) + "; the top kernels:")
+    for name, ms, share, launches in r.get("kernels", [])[:PROFILE_TOP]:
+        line += f"\n  {ms:8.2f} ms/step {100 * share:5.1f}% {launches:5.0f}x  {name}"
     return line
 
 

@@ -159,6 +159,25 @@ def test_sample_bench_counts_the_forward_passes_of_interval_cfg(tmp_path):
     assert "cfg interval [0.1, 0.75]: 166 forward passes per image" in interval
 
 
+def test_bench_profile_line_sums_time_and_launches_by_kernel_kind():
+    # Kernel names as the H200's profile of the Shapes step shows them (docs/bench/2026-12-04-h200-shapes.jsonl).
+    report = {"bench": "train", "model": "384x6/8", "track": "shapes", "latent": [3, 64, 64], "text_tokens": 16,
+              "batch": 512, "world_size": 1, "optimizer": "muon", "align": "off", "compile": True, "max_autotune": False,
+              "float8": "off", "attention": "sdpa", "params": 20610880, "gflop_per_image": 5.73, "ms_per_step": 15.0,
+              "img_per_s": 34133, "loader_share": 0.01, "gpu_busy_ms": 4.0,
+              "kernels": [["cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16", 1.5, 0.375, 8.0],
+                          ["nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_bias_TNN", 1.0, 0.25, 16.0],
+                          ["triton_poi_fused_gelu_gelu_backward_view_13", 0.75, 0.1875, 8.0],
+                          ["cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8", 0.5, 0.125, 75.0],
+                          ["void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 0.25,
+                           0.0625, 120.0]]}
+    lines = train_dit.format_bench(report).splitlines()
+    assert lines[1] == ("  GPU busy 4.00 ms/step of 15.00 in 227 kernel launches: attention 1.50 (8), matmuls 1.50 (91), "
+                        "compiled 0.75 (8), other 0.25 (120); the top kernels:")
+    assert lines[2] == "      1.50 ms/step  37.5%     8x  cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16"
+    assert len(lines) == 2 + len(report["kernels"])
+
+
 @pytest.mark.parametrize("lever, value", [("float8", "tensorwise"), ("attention", "matmul")])
 def test_bench_with_a_speed_lever_on_times_every_lever_off_first_and_prints_the_ratio(tmp_path, lever, value):
     out = tmp_path / "bench"
