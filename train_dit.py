@@ -267,6 +267,9 @@ def parse_args(argv=None):
         p.error(f"argument --compile-muon: compiles Muon's update: needs --optimizer muon, got {hp.optimizer}")
     if hp.align_weight and hp.align_depth > hp.depth:
         p.error(f"argument --align-depth: {hp.align_depth} is past the model's --depth {hp.depth} blocks")
+    if args.bench_profile and (args.bench != "train" or not torch.cuda.is_available()):
+        p.error("argument --bench-profile: profiles the GPU kernels of the training step: needs --bench train and "
+                f"a GPU, got --bench {args.bench} on {'a GPU' if torch.cuda.is_available() else 'a machine without one'}")
     return hp, argparse.Namespace(name=config, overrides=overrides, bench=args.bench, bench_steps=args.bench_steps,
                                   bench_profile=args.bench_profile)
 

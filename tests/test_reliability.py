@@ -533,6 +533,8 @@ def test_fuzz_cli_overrides_give_valid_hyperparameters_or_an_argparse_error_nami
     (["--cfg-interval", "0.8", "0.2"], "argument --cfg-interval: must be two times 0 <= lo <= hi <= 1, got (0.8, 0.2)"),
     (["--beta2", "1"], "argument --beta2: must be in [0, 1), got 1.0"),
     (["--compile-muon", "true"], "argument --compile-muon: compiles Muon's update: needs --optimizer muon, got adamw"),
+    (["--bench", "sample", "--bench-profile"], "argument --bench-profile: profiles the GPU kernels of the training step: "
+                                               "needs --bench train and a GPU, got --bench sample on a"),
 ])
 def test_bad_flag_values_are_refused_naming_the_flag(argv, mentions, capsys):
     with pytest.raises(SystemExit) as exit:
