@@ -248,7 +248,8 @@ def parse_args(argv=None):
     b.add_argument("--bench", choices=["train", "sample"], default=None,
                    help="train: the training step (img/s, MFU); sample: 100-NFE sampling of batch_size images")
     b.add_argument("--bench-steps", type=int, default=30, help="timed training steps per measurement")
-    b.add_argument("--bench-profile", action="store_true", help="also profile the GPU kernels: time and launches per step by kind, the top kernels")
+    b.add_argument("--bench-profile", action="store_true",
+                   help="also profile the GPU kernels: time and launches per step by kind, the top kernels")
     args = p.parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)
                  if getattr(args, f.name) is not None}
